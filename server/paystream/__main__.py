@@ -1,0 +1,3 @@
+from paystream.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,232 @@
+"""`paystream …`: dev, serve, migrate, token, trigger."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import sys
+from pathlib import Path
+
+from paystream import __version__
+
+DEV_SECRETS_FILE = "dev-secrets.json"
+
+
+def _data_dir() -> Path:
+    return Path(os.environ.get("PAYSTREAM_DATA_DIR", ".paystream"))
+
+
+def _database_url(announce: bool) -> str:
+    """DATABASE_URL, or the embedded Postgres kept under the data folder."""
+    url = os.environ.get("DATABASE_URL")
+    if url:
+        return url
+    from paystream.db import start_embedded
+
+    url = start_embedded(_data_dir())
+    if announce:
+        print(f"paystream: embedded Postgres (data in {_data_dir().resolve()}/pgdata)", flush=True)
+    os.environ["DATABASE_URL"] = url
+    return url
+
+
+def _dev_secrets() -> dict[str, str]:
+    """Generated once per data folder, so tokens and webhook signatures survive a restart."""
+    path = _data_dir() / DEV_SECRETS_FILE
+    if path.exists():
+        return json.loads(path.read_text())
+    values = {
+        "STRIPE_WEBHOOK_SECRET": "whsec_" + secrets.token_hex(16),
+        "PAYSTREAM_API_KEY": "psk_dev_" + secrets.token_hex(16),
+        "PAYSTREAM_TOKEN_SECRET": secrets.token_hex(32),
+        "STRIPE_API_KEY": "sk_test_paystream_dev",
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(values, indent=2))
+    path.chmod(0o600)
+    return values
+
+
+def _secret(name: str) -> str:
+    value = os.environ.get(name)
+    if value:
+        return value
+    path = _data_dir() / DEV_SECRETS_FILE
+    if path.exists():
+        return json.loads(path.read_text())[name]
+    raise SystemExit(f"paystream: {name} is not set (and no dev secrets in {path})")
+
+
+def _run_uvicorn(host: str, port: int, workers: int, access_log: bool) -> None:
+    import uvicorn
+
+    uvicorn.run(
+        "paystream.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        loop="uvloop",
+        http="httptools",
+        access_log=access_log,
+        # In-flight webhooks get this long to commit after SIGTERM; streams end at once.
+        timeout_graceful_shutdown=10,
+        log_level="info",
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from paystream.config import Settings
+
+    missing = Settings().missing_secrets()
+    if missing:
+        print(f"paystream serve: refusing to start: {', '.join(missing)} not set", file=sys.stderr)
+        return 2
+    _database_url(announce=True)
+    _run_uvicorn(args.host or os.environ.get("HOST", "127.0.0.1"),
+                 args.port or int(os.environ.get("PORT", "8000")), args.workers, args.access_log)
+    return 0
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    for name, value in _dev_secrets().items():
+        os.environ.setdefault(name, value)
+    url = _database_url(announce=True)
+    from paystream import db
+
+    asyncio.run(db.migrate(url))
+    host, port = args.host, args.port
+    base = f"http://{host}:{port}"
+    print(
+        "\n".join([
+            "",
+            f"  paystream dev  {base}",
+            f"  demo           {base}/demo",
+            f"  webhook        {base}/v1/stripe/webhook",
+            f"  database       {db.redact(url)}",
+            f"  API key        {os.environ['PAYSTREAM_API_KEY']}",
+            f"  webhook secret {os.environ['STRIPE_WEBHOOK_SECRET']}",
+            "",
+            "  try:  paystream trigger payment_intent.succeeded --id pi_demo123",
+            "",
+        ]),
+        flush=True,
+    )
+    _run_uvicorn(host, port, 1, access_log=True)
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from paystream import db
+
+    url = _database_url(announce=True)
+    applied = asyncio.run(db.migrate(url))
+    print(f"paystream migrate: applied {', '.join(applied)}" if applied else
+          "paystream migrate: schema is up to date")
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from paystream import tokens
+
+    if not args.txn and not args.cus:
+        print("paystream token: give --txn ID (repeatable) or --cus CUSTOMER", file=sys.stderr)
+        return 2
+    token, _exp = tokens.mint(_secret("PAYSTREAM_TOKEN_SECRET"), txn=args.txn, cus=args.cus,
+                              ttl_seconds=args.ttl)
+    print(token)
+    return 0
+
+
+def cmd_trigger(args: argparse.Namespace) -> int:
+    import httpx
+
+    from paystream import trigger
+
+    metadata = dict(kv.split("=", 1) for kv in args.metadata)
+    try:
+        event = trigger.build(args.event, args.id, amount=args.amount, currency=args.currency,
+                              customer=args.customer, metadata=metadata,
+                              amount_refunded=args.amount_refunded)
+    except ValueError as exc:
+        print(f"paystream trigger: {exc}", file=sys.stderr)
+        return 2
+    body = trigger.encode(event)
+    secret = _secret("STRIPE_WEBHOOK_SECRET").split(",")[0].strip()
+    url = args.url or f"http://127.0.0.1:{os.environ.get('PORT', '8000')}/v1/stripe/webhook"
+    try:
+        resp = httpx.post(url, content=body, timeout=10, headers={
+            "Content-Type": "application/json", "Stripe-Signature": trigger.sign(body, secret)})
+    except httpx.HTTPError as exc:
+        print(f"paystream trigger: cannot reach {url}: {exc}", file=sys.stderr)
+        return 1
+    print(f"{event['type']} {event['id']} -> {resp.status_code} {resp.text}")
+    return 0 if resp.is_success else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from paystream.trigger import TRIGGERABLE
+
+    parser = argparse.ArgumentParser(
+        prog="paystream",
+        description="Realtime payment-status push: Stripe webhook -> Postgres NOTIFY -> "
+                    "SSE / WebSocket / long-poll.",
+    )
+    parser.add_argument("--version", action="version", version=f"paystream {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("dev", help="zero set-up: embedded Postgres, generated secrets, demo page",
+                       description="Run paystream locally with no configuration: an embedded "
+                       "Postgres under .paystream/ (unless DATABASE_URL is set), generated dev "
+                       "secrets (kept in .paystream/dev-secrets.json), migrations, and the server.")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=cmd_dev)
+
+    p = sub.add_parser("serve", help="production server: config from the environment",
+                       description="Serve with uvicorn. Needs STRIPE_WEBHOOK_SECRET, "
+                       "PAYSTREAM_API_KEY and PAYSTREAM_TOKEN_SECRET; uses DATABASE_URL "
+                       "(unset: the embedded Postgres), HOST and PORT.")
+    p.add_argument("--host", default=None, help="default: $HOST or 127.0.0.1")
+    p.add_argument("--port", type=int, default=None, help="default: $PORT or 8000")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument("--access-log", action="store_true", help="log every request")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("migrate", help="apply the schema in db/migrations",
+                       description="Apply every migration in db/migrations not yet recorded in "
+                       "paystream_schema_version (DATABASE_URL, or the embedded Postgres).")
+    p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("token", help="mint a stream token (JWT) for a browser",
+                       description="Mint a stream token signed with PAYSTREAM_TOKEN_SECRET "
+                       "(or the dev secret).")
+    p.add_argument("--txn", action="append", default=[], metavar="ID",
+                   help="a txn_ or Stripe id the token opens (repeatable)")
+    p.add_argument("--cus", default=None, metavar="CUSTOMER", help="open all of this customer's")
+    p.add_argument("--ttl", type=int, default=3600, help="seconds until it expires (default 3600)")
+    p.set_defaults(func=cmd_token)
+
+    p = sub.add_parser("trigger", help="build, sign and POST a Stripe event, like `stripe trigger`",
+                       description="Build a realistic Stripe event, sign it with "
+                       "STRIPE_WEBHOOK_SECRET as Stripe does, and POST it to the webhook.",
+                       epilog="events: " + ", ".join(TRIGGERABLE))
+    p.add_argument("event", metavar="EVENT", help="e.g. payment_intent.succeeded")
+    p.add_argument("--id", required=True, help="the PaymentIntent id (pi_…)")
+    p.add_argument("--amount", type=int, default=1500, help="in the smallest unit (default 1500)")
+    p.add_argument("--amount-refunded", type=int, default=None, help="charge.refunded: partial")
+    p.add_argument("--currency", default="usd")
+    p.add_argument("--customer", default=None)
+    p.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--url", default=None,
+                   help="webhook URL (default http://127.0.0.1:$PORT/v1/stripe/webhook)")
+    p.set_defaults(func=cmd_trigger)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)

@@ -1,0 +1,255 @@
+"""Every SQL statement the service runs, and the transaction JSON of the contract."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+from ulid import ULID
+
+CHANNEL = "paystream"
+
+TXN_COLUMNS = (
+    "id, stripe_id, kind, status, amount, currency, customer_id, metadata, last_error,"
+    " validated, seq, status_at, updated_at"
+)
+
+
+def new_transaction_id() -> str:
+    return f"txn_{ULID()}"
+
+
+async def init_connection(conn: asyncpg.Connection) -> None:
+    # jsonb columns come back as Python objects; the event log is read as ::text instead,
+    # so pushed events go out exactly as stored without a decode/encode round.
+    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+def timestamp(value: datetime) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def render(row: asyncpg.Record | dict[str, Any]) -> dict[str, Any]:
+    """The contract's transaction JSON."""
+    return {
+        "id": row["id"],
+        "stripe_id": row["stripe_id"],
+        "kind": row["kind"],
+        "status": row["status"],
+        "amount": row["amount"],
+        "currency": row["currency"],
+        "customer_id": row["customer_id"],
+        "metadata": row["metadata"],
+        "last_error": row["last_error"],
+        "validated": row["validated"],
+        "seq": row["seq"],
+        "updated_at": timestamp(row["updated_at"]),
+    }
+
+
+# --- stripe_events -------------------------------------------------------------------
+
+
+async def record_stripe_event(
+    conn: asyncpg.Connection, event: dict[str, Any], raw_body: str, headers: dict[str, str]
+) -> asyncpg.Record:
+    """Store a verified delivery (or count a repeat) and lock its row until commit.
+
+    Concurrent deliveries of one event queue on this row: the second sees the first's
+    processed_at once it commits, so an event is applied once however many arrive.
+    """
+    obj = event["data"]["object"]
+    return await conn.fetchrow(
+        """INSERT INTO stripe_events (id, type, object_id, api_version, livemode, created,
+                                      raw_body, headers)
+           VALUES ($1, $2, $3, $4, $5, to_timestamp($6), $7, $8)
+           ON CONFLICT (id) DO UPDATE SET attempts = stripe_events.attempts + 1
+           RETURNING processed_at, outcome""",
+        event["id"],
+        event["type"],
+        obj.get("id"),
+        event.get("api_version") if isinstance(event.get("api_version"), str) else None,
+        event.get("livemode") if isinstance(event.get("livemode"), bool) else None,
+        event["created"],
+        raw_body,
+        headers,
+    )
+
+
+async def finish_stripe_event(
+    conn: asyncpg.Connection,
+    event_id: str,
+    *,
+    outcome: str,
+    transaction_id: str | None = None,
+    error: str | None = None,
+    processed: bool = True,
+) -> None:
+    await conn.execute(
+        """UPDATE stripe_events
+              SET processed_at = CASE WHEN $5 THEN clock_timestamp() END,
+                  outcome = $2, transaction_id = $3, error = $4
+            WHERE id = $1""",
+        event_id,
+        outcome,
+        transaction_id,
+        error,
+        processed,
+    )
+
+
+# --- transactions --------------------------------------------------------------------
+
+
+async def lock_by_stripe_id(conn: asyncpg.Connection, stripe_id: str) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        f"SELECT {TXN_COLUMNS} FROM transactions WHERE stripe_id = $1 FOR UPDATE", stripe_id
+    )
+
+
+async def insert_transaction(
+    conn: asyncpg.Connection,
+    *,
+    stripe_id: str | None,
+    kind: str,
+    status: str,
+    amount: int,
+    currency: str,
+    customer_id: str | None,
+    metadata: dict[str, Any],
+    last_error: dict[str, Any] | None = None,
+    validated: bool = False,
+    status_at: datetime | None = None,
+) -> asyncpg.Record | None:
+    """Create a transaction at seq 1; None if another request created its stripe_id first."""
+    return await conn.fetchrow(
+        f"""INSERT INTO transactions (id, stripe_id, kind, status, amount, currency, customer_id,
+                                      metadata, last_error, validated, seq, status_at)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 1, $11)
+            ON CONFLICT (stripe_id) DO NOTHING
+            RETURNING {TXN_COLUMNS}""",
+        new_transaction_id(),
+        stripe_id,
+        kind,
+        status,
+        amount,
+        currency,
+        customer_id,
+        metadata,
+        last_error,
+        validated,
+        status_at,
+    )
+
+
+async def move_transaction(
+    conn: asyncpg.Connection,
+    txn_id: str,
+    *,
+    status: str,
+    last_error: dict[str, Any] | None,
+    validated: bool,
+    status_at: datetime | None,
+) -> asyncpg.Record:
+    return await conn.fetchrow(
+        f"""UPDATE transactions
+               SET status = $2, last_error = $3, validated = $4, status_at = $5,
+                   seq = seq + 1, updated_at = clock_timestamp()
+             WHERE id = $1
+         RETURNING {TXN_COLUMNS}""",
+        txn_id,
+        status,
+        last_error,
+        validated,
+        status_at,
+    )
+
+
+async def get_transaction(conn: asyncpg.Connection | asyncpg.Pool, any_id: str) -> asyncpg.Record | None:
+    """By our txn_ id or by the linked Stripe object id."""
+    column = "id" if any_id.startswith("txn_") else "stripe_id"
+    return await conn.fetchrow(f"SELECT {TXN_COLUMNS} FROM transactions WHERE {column} = $1", any_id)
+
+
+# --- the event log -------------------------------------------------------------------
+
+
+async def append_event(
+    conn: asyncpg.Connection,
+    row: asyncpg.Record,
+    *,
+    previous_status: str | None,
+    stripe_event_id: str | None,
+    event_type: str | None,
+) -> str:
+    """Log the transaction's new state at its seq and NOTIFY, in the caller's transaction.
+
+    Postgres delivers the NOTIFY only at commit, so a listener never hears of a row it
+    cannot read yet. The payload stays tiny (ids, seq, status): far from the 8000-byte limit.
+    """
+    data = render(row)
+    data["previous_status"] = previous_status
+    data["cause"] = {"stripe_event_id": stripe_event_id, "type": event_type}
+    text = json.dumps(data, separators=(",", ":"))
+    payload = json.dumps({"id": row["id"], "seq": row["seq"], "status": row["status"]}, separators=(",", ":"))
+    await conn.execute(
+        """WITH logged AS (
+             INSERT INTO transaction_events
+                    (transaction_id, seq, status, previous_status, stripe_event_id, event_type, data)
+             VALUES ($1, $2, $3, $4, $5, $6, $7::json)
+             RETURNING 1)
+           SELECT pg_notify($8, $9) FROM logged""",
+        row["id"],
+        row["seq"],
+        row["status"],
+        previous_status,
+        stripe_event_id,
+        event_type,
+        text,
+        CHANNEL,
+        payload,
+    )
+    return text
+
+
+async def events_after(
+    conn: asyncpg.Connection | asyncpg.Pool, txn_id: str, after: int
+) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        """SELECT transaction_id, seq, status, data::text AS data FROM transaction_events
+            WHERE transaction_id = $1 AND seq > $2 ORDER BY seq""",
+        txn_id,
+        after,
+    )
+
+
+async def events_after_many(
+    conn: asyncpg.Connection | asyncpg.Pool, cursors: Iterable[tuple[str, int]]
+) -> list[asyncpg.Record]:
+    """Catch-up for many transactions in one query (after a listener reconnect)."""
+    ids: list[str] = []
+    afters: list[int] = []
+    for txn_id, after in cursors:
+        ids.append(txn_id)
+        afters.append(after)
+    if not ids:
+        return []
+    return await conn.fetch(
+        """SELECT e.transaction_id, e.seq, e.status, e.data::text AS data
+             FROM unnest($1::text[], $2::int[]) AS c(transaction_id, after_seq)
+             JOIN transaction_events e
+               ON e.transaction_id = c.transaction_id AND e.seq > c.after_seq
+            ORDER BY e.transaction_id, e.seq""",
+        ids,
+        afters,
+    )
+
+
+async def log_of(conn: asyncpg.Connection | asyncpg.Pool, txn_id: str) -> Sequence[asyncpg.Record]:
+    return await conn.fetch(
+        "SELECT seq, status, previous_status FROM transaction_events WHERE transaction_id = $1 ORDER BY seq",
+        txn_id,
+    )

@@ -1,0 +1,273 @@
+"""SSE, WebSocket and long-poll endpoints over the hub.
+
+Every stream opens the same way (open_subscription): register with the hub first, then
+read, so no event can fall between the read and the first push.  After that, what a
+client sees comes only from its Subscription: ordered by seq, never twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from typing import Any
+
+import asyncpg
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import JSONResponse
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from paystream import access, metrics, store
+from paystream.errors import ApiError
+from paystream.hub import Hub, Subscription
+from paystream.lifecycle import FINAL, RANK
+from paystream.tokens import Grant
+
+log = logging.getLogger("paystream.streams")
+
+# WebSocket close code for a subscriber cut off for not reading: resume with `after`.
+WS_CLOSE_SLOW_CONSUMER = 4008
+
+
+async def open_subscription(
+    conn: HTTPConnection, any_id: str, grant: Grant, after: int | None
+) -> tuple[asyncpg.Record, Subscription]:
+    """Authorise, subscribe, and read the transaction (after subscribing when a snapshot
+    is wanted). Raises ApiError 403/404; never leaves a subscription behind on error."""
+    hub: Hub = conn.app.state.hub
+    pool: asyncpg.Pool = conn.app.state.pool
+    if not grant.backend and grant.cus is None and any_id not in grant.txn:
+        raise ApiError(403, "forbidden", "the token does not cover this transaction")
+    sub: Subscription | None = None
+    if any_id.startswith("txn_") and after is None:
+        sub = hub.subscribe(any_id)  # the common case: one query, after subscribing
+    try:
+        row = await store.get_transaction(pool, any_id)
+        if row is None:
+            raise ApiError(404, "not_found", f"no transaction {any_id!r}")
+        if not grant.allows(row["id"], row["stripe_id"], row["customer_id"]):
+            raise ApiError(403, "forbidden", "the token does not cover this transaction")
+        if sub is None:
+            sub = hub.subscribe(row["id"], after)
+            if after is None:
+                row = await store.get_transaction(pool, row["id"])
+                assert row is not None
+        if after is None:
+            hub.activate(sub, row["seq"])
+        return row, sub
+    except BaseException:
+        if sub is not None:
+            hub.unsubscribe(sub)
+        raise
+
+
+def _cursor(value: str | None, name: str) -> int | None:
+    if value is None or value == "":
+        return None
+    if not value.isdigit() or len(value) > 9:
+        raise ApiError(400, "bad_request", f"{name} must be a whole number of at least 0")
+    return int(value)
+
+
+def _flag(value: str | None, name: str) -> bool:
+    if value is None or value.lower() in ("false", "0", ""):
+        return False
+    if value.lower() in ("true", "1"):
+        return True
+    raise ApiError(400, "bad_request", f"{name} must be true or false")
+
+
+def _state_of(data: str) -> dict[str, Any]:
+    """The transaction JSON inside a pushed event (without previous_status and cause)."""
+    state = json.loads(data)
+    state.pop("previous_status", None)
+    state.pop("cause", None)
+    return state
+
+
+# --- SSE -------------------------------------------------------------------------------
+
+
+def _sse(seq: int, event: str, data: str) -> bytes:
+    return f"id: {seq}\nevent: {event}\ndata: {data}\n\n".encode()
+
+
+async def sse(request: Request) -> EventSourceResponse:
+    grant = access.reader(request)
+    any_id = request.path_params["id"]
+    after = _cursor(request.headers.get("last-event-id"), "Last-Event-ID")
+    if after is None:
+        after = _cursor(request.query_params.get("last_event_id"), "last_event_id")
+    follow = _flag(request.query_params.get("follow"), "follow")
+    row, sub = await open_subscription(request, any_id, grant, after)
+    hub: Hub = request.app.state.hub
+
+    async def events():  # noqa: ANN202
+        metrics.CONNECTIONS.labels("sse").inc()
+        try:
+            yield b"retry: 1000\n\n"
+            if after is None:
+                yield _sse(row["seq"], "snapshot", json.dumps(store.render(row), separators=(",", ":")))
+                if row["status"] in FINAL and not follow:
+                    return
+            elif after >= row["seq"] and row["status"] in FINAL and not follow:
+                return  # the client has seen the end already
+            while (item := await sub.get()) is not None:
+                seq, status, data = item
+                yield _sse(seq, "status", data)
+                if status in FINAL and not follow:
+                    return
+            # Closed under us (slow reader, shutdown): the client reconnects and resumes.
+        finally:
+            hub.unsubscribe(sub)
+            metrics.CONNECTIONS.labels("sse").dec()
+
+    settings = request.app.state.settings
+    return EventSourceResponse(
+        events(),
+        ping=settings.sse_ping_seconds,
+        sep="\n",
+        ping_message_factory=lambda: ServerSentEvent(comment="ping", sep="\n"),
+        send_timeout=30,
+    )
+
+
+# --- long-poll and plain reads ----------------------------------------------------------
+
+
+async def _client_gone(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def get_transaction(request: Request) -> JSONResponse:
+    grant = access.reader(request)
+    any_id = request.path_params["id"]
+    wanted = request.query_params.get("await")
+    if wanted is None:
+        if not grant.backend and grant.cus is None and any_id not in grant.txn:
+            raise ApiError(403, "forbidden", "the token does not cover this transaction")
+        row = await store.get_transaction(request.app.state.pool, any_id)
+        if row is None:
+            raise ApiError(404, "not_found", f"no transaction {any_id!r}")
+        if not grant.allows(row["id"], row["stripe_id"], row["customer_id"]):
+            raise ApiError(403, "forbidden", "the token does not cover this transaction")
+        return JSONResponse(store.render(row))
+
+    targets = {s.strip() for s in wanted.split(",") if s.strip()}
+    unknown = targets - RANK.keys()
+    if not targets or unknown:
+        raise ApiError(400, "bad_request", f"await takes statuses from {sorted(RANK)}")
+    targets |= FINAL
+    limit = request.app.state.settings.long_poll_max_seconds
+    try:
+        timeout = float(request.query_params.get("timeout", "25"))
+    except ValueError:
+        timeout = -1
+    if not 0 <= timeout <= limit:
+        raise ApiError(400, "bad_request", f"timeout must be between 0 and {limit:g} seconds")
+
+    row, sub = await open_subscription(request, any_id, grant, None)
+    hub: Hub = request.app.state.hub
+    state = store.render(row)
+    gone = asyncio.create_task(_client_gone(request))
+    try:
+        async with asyncio.timeout(timeout):
+            while state["status"] not in targets:
+                getter = asyncio.ensure_future(sub.get())
+                await asyncio.wait({getter, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if gone.done():
+                    getter.cancel()
+                    return JSONResponse(state)  # nobody reads it; stop waiting at once
+                item = getter.result()
+                if item is None:
+                    break  # shutting down: answer with what we know
+                state = _state_of(item[2])
+    except TimeoutError:
+        return JSONResponse({**state, "timed_out": True})
+    finally:
+        gone.cancel()
+        hub.unsubscribe(sub)
+    return JSONResponse({**state, "timed_out": state["status"] not in targets})
+
+
+# --- WebSocket ---------------------------------------------------------------------------
+
+
+async def websocket(ws: WebSocket) -> None:
+    try:
+        grant = access.reader(ws)
+    except ApiError as exc:
+        await ws.send_denial_response(
+            JSONResponse({"error": {"code": exc.code, "message": exc.message}}, status_code=exc.status)
+        )
+        return
+    await ws.accept()
+    metrics.CONNECTIONS.labels("ws").inc()
+    hub: Hub = ws.app.state.hub
+    pumps: dict[str, tuple[Subscription, asyncio.Task[None]]] = {}
+    send_lock = asyncio.Lock()
+
+    async def send(message: dict[str, Any] | str) -> None:
+        text = message if isinstance(message, str) else json.dumps(message, separators=(",", ":"))
+        async with send_lock:
+            await ws.send_text(text)
+
+    async def pump(client_id: str, sub: Subscription) -> None:
+        prefix = f'{{"op":"status","id":{json.dumps(client_id)},"seq":'
+        while (item := await sub.get()) is not None:
+            seq, _status, data = item
+            await send(f'{prefix}{seq},"data":{data}}}')
+        if sub.reason == "overflow":
+            await ws.close(WS_CLOSE_SLOW_CONSUMER, "too far behind; resubscribe with after")
+
+    async def subscribe(msg: dict[str, Any]) -> None:
+        client_id = msg.get("id")
+        after = msg.get("after")
+        if not isinstance(client_id, str) or not client_id:
+            raise ApiError(400, "bad_request", "subscribe needs an `id`")
+        if after is not None and (not isinstance(after, int) or isinstance(after, bool) or after < 0):
+            raise ApiError(400, "bad_request", "`after` must be a whole number of at least 0")
+        if client_id in pumps:
+            raise ApiError(400, "bad_request", "already subscribed")
+        row, sub = await open_subscription(ws, client_id, grant, after)
+        if after is None:
+            await send({"op": "snapshot", "id": client_id, "seq": row["seq"], "data": store.render(row)})
+        pumps[client_id] = (sub, asyncio.create_task(pump(client_id, sub)))
+
+    def unsubscribe(client_id: str) -> None:
+        entry = pumps.pop(client_id, None)
+        if entry is not None:
+            hub.unsubscribe(entry[0])
+            entry[1].cancel()
+
+    try:
+        while True:
+            raw = await ws.receive_text()
+            msg_id = None
+            try:
+                msg = json.loads(raw)
+                if not isinstance(msg, dict):
+                    raise ApiError(400, "bad_request", "messages are JSON objects")
+                msg_id = msg.get("id")
+                if msg.get("op") == "subscribe":
+                    await subscribe(msg)
+                elif msg.get("op") == "unsubscribe":
+                    unsubscribe(str(msg_id))
+                else:
+                    raise ApiError(400, "bad_request", "op must be subscribe or unsubscribe")
+            except ValueError:
+                await send({"op": "error", "id": None, "code": "bad_request", "message": "not JSON"})
+            except ApiError as exc:
+                code = {403: "forbidden", 404: "not_found"}.get(exc.status, "bad_request")
+                await send({"op": "error", "id": msg_id, "code": code, "message": exc.message})
+    except WebSocketDisconnect:
+        pass
+    finally:
+        for client_id in list(pumps):
+            unsubscribe(client_id)
+        metrics.CONNECTIONS.labels("ws").dec()
+        with contextlib.suppress(Exception):
+            await ws.close()

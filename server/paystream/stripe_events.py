@@ -1,0 +1,155 @@
+"""What a Stripe event means for a transaction: which object it names and which status.
+
+Pure functions over the event JSON: no I/O, so every mapping is unit-tested on real
+fixture bodies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from paystream.lifecycle import RANK, Change
+
+# Families whose every type we accept (store, link, maybe move); anything else is refused.
+SUPPORTED_PREFIXES = ("payment_intent.", "charge.", "refund.", "invoice.", "setup_intent.")
+
+KINDS = ("payment", "card_validation", "wallet_top_up", "invoice")
+
+
+class MalformedEvent(ValueError):
+    """A verified body that is not a Stripe event we can read."""
+
+
+@dataclass(frozen=True, slots=True)
+class Effect:
+    stripe_id: str | None  # the object our transaction is linked to (pi_…, in_…, seti_…, ch_…)
+    change: Change | None  # None: the event is stored and linked but moves nothing
+    # Fields for a transaction created from this event when stripe_id is new to us.
+    amount: int = 0
+    currency: str = "usd"
+    customer_id: str | None = None
+    kind: str = "payment"
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def is_supported(event_type: str) -> bool:
+    return event_type.startswith(SUPPORTED_PREFIXES)
+
+
+def check_envelope(event: Any) -> None:
+    """Raise MalformedEvent unless `event` has the envelope every Stripe event has."""
+    if not isinstance(event, dict):
+        raise MalformedEvent("the body is not a JSON object")
+    if not isinstance(event.get("id"), str) or not event["id"].startswith("evt_"):
+        raise MalformedEvent("`id` must be a Stripe event id (evt_…)")
+    if not isinstance(event.get("type"), str) or not event["type"]:
+        raise MalformedEvent("`type` is missing")
+    if not isinstance(event.get("created"), int):
+        raise MalformedEvent("`created` must be a Unix timestamp")
+    data = event.get("data")
+    if not isinstance(data, dict) or not isinstance(data.get("object"), dict):
+        raise MalformedEvent("`data.object` is missing")
+    if not isinstance(data["object"].get("id"), str):
+        raise MalformedEvent("`data.object.id` is missing")
+
+
+def event_time(event: dict[str, Any]) -> datetime:
+    return datetime.fromtimestamp(event["created"], tz=UTC)
+
+
+def _error_of(obj: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not obj:
+        return None
+    err = {k: obj.get(k) for k in ("code", "decline_code", "message", "type") if obj.get(k)}
+    return err or {"code": "payment_failed"}
+
+
+def _id(value: Any) -> str | None:
+    """Stripe expands some references into objects; accept both shapes."""
+    if isinstance(value, dict):
+        value = value.get("id")
+    return value if isinstance(value, str) and value else None
+
+
+def _kind(obj: dict[str, Any], default: str) -> str:
+    meta = obj.get("metadata") or {}
+    kind = meta.get("paystream_kind") if isinstance(meta, dict) else None
+    return kind if kind in KINDS else default
+
+
+def _base(obj: dict[str, Any], stripe_id: str | None, change: Change | None, kind: str) -> Effect:
+    meta = obj.get("metadata")
+    amount = obj.get("amount", obj.get("amount_due", 0))
+    currency = obj.get("currency") or "usd"
+    return Effect(
+        stripe_id=stripe_id,
+        change=change,
+        amount=amount if isinstance(amount, int) and amount >= 0 else 0,
+        currency=currency.lower() if isinstance(currency, str) else "usd",
+        customer_id=_id(obj.get("customer")),
+        kind=_kind(obj, kind),
+        metadata=dict(meta) if isinstance(meta, dict) else {},
+    )
+
+
+_PI_STATUS_BY_TYPE = {
+    "payment_intent.created": None,  # whatever the object says
+    "payment_intent.processing": "processing",
+    "payment_intent.requires_action": "requires_action",
+    "payment_intent.amount_capturable_updated": "requires_capture",
+    "payment_intent.succeeded": "succeeded",
+    "payment_intent.canceled": "canceled",
+}
+
+
+def _payment_intent(event: dict[str, Any], obj: dict[str, Any], at: datetime) -> Effect:
+    etype = event["type"]
+    if etype == "payment_intent.payment_failed":
+        error = _error_of(obj.get("last_payment_error")) or {"code": "payment_failed"}
+        change = Change("requires_payment_method", at, error)
+    elif etype in _PI_STATUS_BY_TYPE:
+        status = _PI_STATUS_BY_TYPE[etype] or obj.get("status")
+        change = Change(status, at) if status in RANK else None
+    else:  # partially_funded and friends: stored, linked, no status of ours
+        change = None
+    return _base(obj, obj["id"], change, "invoice" if _id(obj.get("invoice")) else "payment")
+
+
+def _charge(event: dict[str, Any], obj: dict[str, Any], at: datetime) -> Effect:
+    etype = event["type"]
+    target = _id(obj.get("payment_intent")) or obj["id"]
+    change: Change | None = None
+    captured = bool(obj.get("captured"))
+    if etype in ("charge.succeeded", "charge.captured"):
+        # From API 2024-04-10 capture may be async: charge.succeeded is the money moving.
+        change = Change("succeeded" if captured else "requires_capture", at)
+    elif etype == "charge.refunded" and captured:
+        # An uncaptured charge "refunded" is Stripe releasing a canceled authorization:
+        # not a refund of ours, so it moves nothing (the PI's canceled event does).
+        amount, refunded = obj.get("amount") or 0, obj.get("amount_refunded") or 0
+        full = obj.get("refunded") is True or (amount and refunded >= amount)
+        change = Change("refunded" if full else "partially_refunded", at)
+    elif etype == "charge.expired":
+        change = Change("canceled", at)
+    elif etype.startswith("charge.dispute."):
+        target = _id(obj.get("payment_intent")) or _id(obj.get("charge")) or obj["id"]
+        if etype == "charge.dispute.created":
+            change = Change("disputed", at)
+    # charge.failed is reported by payment_intent.payment_failed with the PI's own error.
+    return _base(obj, target, change, "payment")
+
+
+def interpret(event: dict[str, Any]) -> Effect:
+    """What this (envelope-checked, supported) event does."""
+    obj = event["data"]["object"]
+    at = event_time(event)
+    etype = event["type"]
+    if etype.startswith("payment_intent."):
+        return _payment_intent(event, obj, at)
+    if etype.startswith("charge."):
+        return _charge(event, obj, at)
+    # refund.*, invoice.*, setup_intent.*: stored and linked by object id; their flows
+    # arrive with the payment-flows work.
+    return _base(obj, obj["id"], None, "payment")

@@ -1,0 +1,170 @@
+"""Stripe webhook: verify the raw body, store the event, apply it, NOTIFY — one transaction."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import asyncpg
+import stripe
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from paystream import metrics, store
+from paystream.errors import ApiError
+from paystream.lifecycle import Change, State, should_apply
+from paystream.stripe_events import (
+    Effect,
+    MalformedEvent,
+    check_envelope,
+    interpret,
+    is_supported,
+)
+
+log = logging.getLogger("paystream.webhooks")
+
+# Headers worth keeping with the raw body for an operator (never Authorization or cookies).
+_KEPT_HEADERS = ("stripe-signature", "content-type", "user-agent", "content-length")
+
+
+class _Duplicate(Exception):
+    """Raised inside the database transaction to roll back a repeat delivery."""
+
+    def __init__(self, outcome: str | None) -> None:
+        self.outcome = outcome
+
+
+async def read_limited(request: Request, limit: int) -> bytes:
+    """The raw body, refusing anything over `limit` bytes without reading it all."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(400, "payload_too_large", f"the body is over the {limit}-byte limit")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(400, "payload_too_large", f"the body is over the {limit}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def verify(raw: bytes, signature: str | None, secrets: list[str], tolerance: int) -> None:
+    """Accept the body if any configured secret signed it within the tolerance."""
+    if not signature:
+        raise ApiError(400, "missing_signature", "the Stripe-Signature header is missing")
+    stale = False
+    for secret in secrets:
+        try:
+            stripe.Webhook.construct_event(raw, signature, secret, tolerance=tolerance, api_key="unused")
+            return
+        except stripe.SignatureVerificationError as exc:
+            stale = stale or "tolerance" in str(exc).lower()
+        except (ValueError, UnicodeDecodeError):
+            # The signature matched (construct_event parses only after verifying) but the
+            # body is not JSON.
+            raise ApiError(400, "malformed_body", "the body is not a JSON Stripe event") from None
+        except (IndexError, TypeError):
+            break  # an unparseable header: no secret will do better
+    if stale:
+        raise ApiError(400, "stale_signature", "the signature's timestamp is outside the tolerance")
+    raise ApiError(400, "invalid_signature", "no webhook secret verifies this signature")
+
+
+async def handle(request: Request) -> JSONResponse:
+    settings = request.app.state.settings
+    raw = await read_limited(request, settings.max_body_bytes)
+    verify(raw, request.headers.get("stripe-signature"), settings.webhook_secrets,
+           settings.webhook_tolerance_seconds)
+    try:
+        event = json.loads(raw)
+        check_envelope(event)
+    except (ValueError, MalformedEvent) as exc:
+        metrics.WEBHOOKS.labels("malformed").inc()
+        raise ApiError(400, "malformed_body", str(exc) if isinstance(exc, MalformedEvent)
+                       else "the body is not JSON") from None
+    headers = {k: v for k, v in request.headers.items() if k in _KEPT_HEADERS}
+    outcome = await apply_event(request.app.state.pool, event, raw.decode(), headers)
+    metrics.WEBHOOKS.labels(outcome).inc()
+    if outcome == "unsupported":
+        raise ApiError(400, "unsupported_event_type",
+                       f"paystream does not handle {event['type']!r} events; stored for operators")
+    return JSONResponse({"received": True, "id": event["id"], "outcome": outcome})
+
+
+async def apply_event(pool: asyncpg.Pool, event: dict[str, Any], raw: str,
+                      headers: dict[str, str]) -> str:
+    """Store and apply one verified event; return its outcome. Commits before returning."""
+    try:
+        async with pool.acquire() as conn, conn.transaction():
+            stored = await store.record_stripe_event(conn, event, raw, headers)
+            if stored["processed_at"] is not None:
+                raise _Duplicate(stored["outcome"])
+            if not is_supported(event["type"]):
+                await store.finish_stripe_event(conn, event["id"], outcome="unsupported",
+                                                error="unsupported event type", processed=False)
+                return "unsupported"
+            outcome, txn_id = await _apply(conn, event, interpret(event))
+            await store.finish_stripe_event(conn, event["id"], outcome=outcome, transaction_id=txn_id)
+    except _Duplicate:
+        log.info("duplicate delivery", extra={"stripe_event_id": event["id"]})
+        return "duplicate"
+    log.info("webhook %s", outcome, extra={"stripe_event_id": event["id"], "event_type": event["type"],
+                                           "transaction_id": txn_id})
+    return outcome
+
+
+async def _apply(conn: asyncpg.Connection, event: dict[str, Any], effect: Effect) -> tuple[str, str | None]:
+    if effect.stripe_id is None:
+        return "unrouted", None
+    row = await store.lock_by_stripe_id(conn, effect.stripe_id)
+    if row is None:
+        if effect.change is None:
+            return "unrouted", None  # nothing to create a transaction from; kept for operators
+        row = await _create(conn, event, effect, effect.change)
+        if row is not None:
+            return "applied", row["id"]
+        # Another delivery created it a moment ago: take its lock and apply on top.
+        row = await store.lock_by_stripe_id(conn, effect.stripe_id)
+        assert row is not None
+    change = effect.change
+    if change is None:
+        return "no_change", row["id"]
+    current = State(row["status"], row["status_at"], row["last_error"])
+    if not should_apply(current, change):
+        return "no_change", row["id"]
+    moved = await store.move_transaction(
+        conn, row["id"],
+        status=change.status,
+        last_error=change.last_error,
+        validated=row["validated"] or _validates(row["kind"], change.status),
+        status_at=max(change.at, row["status_at"]) if row["status_at"] else change.at,
+    )
+    await store.append_event(conn, moved, previous_status=row["status"],
+                             stripe_event_id=event["id"], event_type=event["type"])
+    return "applied", row["id"]
+
+
+def _validates(kind: str, status: str) -> bool:
+    return kind == "card_validation" and status == "requires_capture"
+
+
+async def _create(conn: asyncpg.Connection, event: dict[str, Any], effect: Effect,
+                  change: Change) -> asyncpg.Record | None:
+    row = await store.insert_transaction(
+        conn,
+        stripe_id=effect.stripe_id,
+        kind=effect.kind,
+        status=change.status,
+        amount=effect.amount,
+        currency=effect.currency,
+        customer_id=effect.customer_id,
+        metadata=effect.metadata,
+        last_error=change.last_error,
+        validated=_validates(effect.kind, change.status),
+        status_at=change.at,
+    )
+    if row is not None:
+        await store.append_event(conn, row, previous_status=None,
+                                 stripe_event_id=event["id"], event_type=event["type"])
+    return row
