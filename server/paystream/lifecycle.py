@@ -65,33 +65,55 @@ class State:
     last_error: dict[str, Any] | None = None
 
 
-def should_apply(current: State, change: Change) -> bool:
-    """Does this event move the transaction, given what it already holds?
+# Stripe moves a PaymentIntent down only through a failed attempt.  A newer event at a
+# lower rank than the one we hold proves an attempt failed in between, even if that
+# decline event has not reached us (yet): we log the decline, then the step.
+INFERRED_DECLINE: dict[str, Any] = {
+    "code": "attempt_failed",
+    "message": "an earlier payment attempt failed (inferred from a later retry)",
+}
 
-    Stripe delivers in any order, so the answer depends only on the pair, never on
-    arrival order. The final state is the same for any permutation:
-    * success and everything after it wins over anything earlier (ranks only grow);
-    * a decline (back to requires_payment_method with last_error) applies only before
-      success, and only if it is not older than the state it would replace;
-    * a pre-success step that is not newer than a decline we hold happened before that
-      decline: applying it would hide the decline.  (Equal timestamps: Stripe's are whole
-      seconds, and a step then a decline in one second is the common case.)
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    moves: tuple[Change, ...] = ()  # status changes to log, in order
+    touch: bool = False  # nothing visible changes, but the state is now this recent
+
+
+IGNORE = Decision()
+
+
+def decide(current: State, change: Change) -> Decision:
+    """What one event does to a transaction, given what it already holds.
+
+    Stripe delivers in any order, so the result may depend only on the set of events,
+    never on their arrival order:
+    * success and everything after it wins over anything before it; ranks only grow;
+    * before success, the newest event says where the attempt stands (a customer can
+      fail and retry, so ranks alone cannot order them).  Stripe's timestamps are whole
+      seconds: in a tie a decline wins (a step then its failure in one second is the
+      usual case), then the higher rank.
     """
+    if not (is_pre_success(current.status) and is_pre_success(change.status)):
+        if change.declined or change.status == current.status:
+            return IGNORE
+        if not transition_allowed(current.status, change.status, declined=False):
+            return IGNORE
+        return Decision((change,))
+    if current.at is not None and change.at < current.at:
+        return IGNORE  # delivered late: a newer event already set the state
+    newer = current.at is None or change.at > current.at
     if change.declined:
-        if not is_pre_success(current.status):
-            return False
-        if current.at is not None and change.at < current.at:
-            return False
-        return (current.status, current.last_error) != (change.status, change.last_error)
-    if change.status == current.status:
-        return False
-    if not transition_allowed(current.status, change.status, declined=False):
-        return False
-    if (
-        is_pre_success(change.status)
-        and current.last_error is not None
-        and current.at is not None
-        and change.at <= current.at
-    ):
-        return False
-    return True
+        if (current.status, current.last_error) == (change.status, change.last_error):
+            return Decision(touch=newer)
+        return Decision((change,))
+    if current.last_error is not None and not newer:
+        return IGNORE
+    if RANK[change.status] > RANK[current.status]:
+        return Decision((change,))
+    if change.status == current.status or not newer:
+        return Decision(touch=newer)
+    decline = Change("requires_payment_method", change.at, INFERRED_DECLINE)
+    if change.status == "requires_payment_method":
+        return Decision((decline,))
+    return Decision((decline, change))

@@ -168,6 +168,13 @@ async def move_transaction(
     )
 
 
+async def touch_transaction(conn: asyncpg.Connection, txn_id: str, status_at: datetime) -> None:
+    """A newer event confirmed the current status: remember its time, change nothing visible."""
+    await conn.execute(
+        "UPDATE transactions SET status_at = greatest(status_at, $2) WHERE id = $1", txn_id, status_at
+    )
+
+
 async def get_transaction(conn: asyncpg.Connection | asyncpg.Pool, any_id: str) -> asyncpg.Record | None:
     """By our txn_ id or by the linked Stripe object id."""
     column = "id" if any_id.startswith("txn_") else "stripe_id"

@@ -13,7 +13,7 @@ from starlette.responses import JSONResponse
 
 from paystream import metrics, store
 from paystream.errors import ApiError
-from paystream.lifecycle import Change, State, should_apply
+from paystream.lifecycle import Change, State, decide
 from paystream.stripe_events import (
     Effect,
     MalformedEvent,
@@ -130,19 +130,21 @@ async def _apply(conn: asyncpg.Connection, event: dict[str, Any], effect: Effect
     change = effect.change
     if change is None:
         return "no_change", row["id"]
-    current = State(row["status"], row["status_at"], row["last_error"])
-    if not should_apply(current, change):
-        return "no_change", row["id"]
-    moved = await store.move_transaction(
-        conn, row["id"],
-        status=change.status,
-        last_error=change.last_error,
-        validated=row["validated"] or _validates(row["kind"], change.status),
-        status_at=max(change.at, row["status_at"]) if row["status_at"] else change.at,
-    )
-    await store.append_event(conn, moved, previous_status=row["status"],
-                             stripe_event_id=event["id"], event_type=event["type"])
-    return "applied", row["id"]
+    decision = decide(State(row["status"], row["status_at"], row["last_error"]), change)
+    if decision.touch:
+        await store.touch_transaction(conn, row["id"], change.at)
+    for move in decision.moves:
+        moved = await store.move_transaction(
+            conn, row["id"],
+            status=move.status,
+            last_error=move.last_error,
+            validated=row["validated"] or _validates(row["kind"], move.status),
+            status_at=max(move.at, row["status_at"]) if row["status_at"] else move.at,
+        )
+        await store.append_event(conn, moved, previous_status=row["status"],
+                                 stripe_event_id=event["id"], event_type=event["type"])
+        row = moved
+    return ("applied" if decision.moves else "no_change"), row["id"]
 
 
 def _validates(kind: str, status: str) -> bool:

@@ -1,0 +1,171 @@
+"""Test clients that talk to a running paystream exactly as Stripe and browsers do."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from paystream import tokens, trigger
+
+if TYPE_CHECKING:
+    from tests.conftest import Server
+
+FIXTURES = Path(__file__).parent / "fixtures" / "stripe"
+
+
+def fixture_event(name: str, **overrides: Any) -> dict[str, Any]:
+    """A real Stripe event body from tests/fixtures/stripe, with a fresh evt_ id
+    (the fixtures' ids are zeroed, see SOURCES.md) and the given top-level overrides."""
+    event = json.loads((FIXTURES / f"{name}.json").read_text())
+    event["id"] = trigger.stripe_id("evt_")
+    event.update(overrides)
+    return event
+
+
+@dataclass
+class Frame:
+    """One SSE frame as it came over the wire."""
+
+    id: str | None = None
+    event: str | None = None
+    data: str | None = None
+    retry: int | None = None
+    comments: list[str] = field(default_factory=list)
+
+    @property
+    def json(self) -> dict[str, Any]:
+        assert self.data is not None
+        return json.loads(self.data)
+
+
+class SSE:
+    def __init__(self, response: httpx.Response) -> None:
+        self.response = response
+        self._lines = response.aiter_lines()
+        self.closed = False
+
+    async def frame(self, timeout: float = 10) -> Frame | None:
+        """The next frame (comments included); None when the server ends the stream."""
+        async with asyncio.timeout(timeout):
+            frame = Frame()
+            seen = False
+            while True:
+                try:
+                    line = await anext(self._lines)
+                except StopAsyncIteration:
+                    self.closed = True
+                    return frame if seen else None
+                if line == "":
+                    if seen:
+                        return frame
+                    continue
+                seen = True
+                name, _, value = line.partition(":")
+                value = value[1:] if value.startswith(" ") else value
+                if name == "":
+                    frame.comments.append(value)
+                elif name == "id":
+                    frame.id = value
+                elif name == "event":
+                    frame.event = value
+                elif name == "data":
+                    frame.data = value if frame.data is None else frame.data + "\n" + value
+                elif name == "retry":
+                    frame.retry = int(value)
+
+    async def event(self, timeout: float = 10) -> Frame | None:
+        """The next frame that is an event (skipping retry-only and ping frames)."""
+        while True:
+            frame = await self.frame(timeout)
+            if frame is None or frame.event is not None:
+                return frame
+
+    async def rest(self, timeout: float = 10) -> list[Frame]:
+        """Every event until the server closes the stream."""
+        out = []
+        while (frame := await self.event(timeout)) is not None:
+            out.append(frame)
+        return out
+
+
+class Paystream:
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.http = httpx.AsyncClient(base_url=server.base_url, timeout=15)
+
+    async def __aenter__(self) -> Paystream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.http.aclose()
+
+    # --- Stripe's side ---
+
+    def event(self, event_type: str, pi_id: str, **kw: Any) -> dict[str, Any]:
+        return trigger.build(event_type, pi_id, **kw)
+
+    async def send(self, event: dict[str, Any] | None = None, *, body: str | bytes | None = None,
+                   signature: str | None = None, secret: str | None = None,
+                   timestamp: int | None = None, headers: dict[str, str] | None = None) -> httpx.Response:
+        if body is None:
+            body = trigger.encode(event)
+        if signature is None:
+            signature = trigger.sign(body, secret or self.server.webhook_secret, timestamp)
+        hdrs = {"Content-Type": "application/json", "Stripe-Signature": signature, **(headers or {})}
+        if signature == "":
+            del hdrs["Stripe-Signature"]
+        return await self.http.post("/v1/stripe/webhook", content=body, headers=hdrs)
+
+    async def deliver(self, event: dict[str, Any]) -> dict[str, Any]:
+        resp = await self.send(event)
+        assert resp.status_code == 200, resp.text
+        return resp.json()
+
+    # --- the merchant backend's side ---
+
+    def token(self, *ids: str, cus: str | None = None, ttl: int = 3600,
+              secret: str | None = None) -> str:
+        return tokens.mint(secret or self.server.token_secret, txn=list(ids) or None, cus=cus,
+                           ttl_seconds=ttl)[0]
+
+    @property
+    def backend(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.server.api_key}"}
+
+    async def get(self, any_id: str, **params: Any) -> httpx.Response:
+        return await self.http.get(f"/v1/transactions/{any_id}", params=params, headers=self.backend)
+
+    # --- the browser's side ---
+
+    @contextlib.asynccontextmanager
+    async def sse(self, any_id: str, *, token: str | None = None,
+                  last_event_id: int | None = None, params: dict[str, str] | None = None,
+                  ) -> AsyncIterator[SSE]:
+        headers = {"Accept": "text/event-stream"}
+        if last_event_id is not None:
+            headers["Last-Event-ID"] = str(last_event_id)
+        query = {"token": token or self.token(any_id), **(params or {})}
+        async with self.http.stream("GET", f"/v1/transactions/{any_id}/events", params=query,
+                                    headers=headers, timeout=httpx.Timeout(15, read=30)) as resp:
+            yield SSE(resp)
+
+
+async def wait_until(predicate, timeout: float = 10, what: str = "condition") -> Any:  # noqa: ANN001
+    """Re-check an outside fact (database, /readyz) until true: for state this process
+    cannot be told about, never as a stand-in for an event it can await."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)

@@ -1,0 +1,86 @@
+"""Reading real Stripe event bodies (tests/fixtures/stripe, see SOURCES.md there)."""
+
+from __future__ import annotations
+
+import pytest
+
+from paystream.stripe_events import MalformedEvent, check_envelope, interpret, is_supported
+from tests.support import fixture_event
+
+
+@pytest.mark.parametrize(
+    ("name", "status"),
+    [
+        ("payment_intent.created__stripe-ruby-mock", "requires_payment_method"),
+        ("payment_intent.requires_action__stripe-ruby-mock", "requires_action"),
+        ("payment_intent.processing__stripe-ruby-mock", "processing"),
+        ("payment_intent.amount_capturable_updated__stripe-ruby-mock", "requires_capture"),
+        ("payment_intent.succeeded__stripe-ruby-mock", "succeeded"),
+        ("payment_intent.canceled__stripe-ruby-mock", "canceled"),
+        ("payment_intent.payment_failed__stripe-ruby-mock", "requires_payment_method"),
+    ],
+)
+def test_payment_intent_events(name: str, status: str) -> None:
+    event = fixture_event(name)
+    check_envelope(event)
+    effect = interpret(event)
+    assert effect.stripe_id == event["data"]["object"]["id"]
+    assert effect.change is not None and effect.change.status == status
+    assert effect.amount == event["data"]["object"]["amount"]
+    assert effect.change.declined == name.startswith("payment_intent.payment_failed")
+
+
+def test_a_decline_carries_stripes_error() -> None:
+    effect = interpret(fixture_event("payment_intent.payment_failed__stripe-ruby-mock"))
+    assert effect.change is not None and effect.change.last_error is not None
+    assert effect.change.last_error["code"] == "card_declined"
+
+
+def test_charges_route_to_their_payment_intent() -> None:
+    event = fixture_event("charge.succeeded__zulip")
+    effect = interpret(event)
+    assert effect.stripe_id == event["data"]["object"]["payment_intent"]
+    assert effect.change is not None and effect.change.status == "succeeded"
+
+
+def test_full_refund_and_partial_refund() -> None:
+    full = fixture_event("charge.refunded__stripe-ruby-mock")
+    assert interpret(full).change.status == "refunded"  # type: ignore[union-attr]
+    partial = fixture_event("charge.refunded__stripe-ruby-mock")
+    partial["data"]["object"].update(amount_refunded=40, refunded=False)
+    assert interpret(partial).change.status == "partially_refunded"  # type: ignore[union-attr]
+
+
+def test_releasing_an_uncaptured_authorisation_is_not_a_refund() -> None:
+    event = fixture_event("charge.refunded__stripe-ruby-mock")
+    event["data"]["object"].update(captured=False)
+    assert interpret(event).change is None
+
+
+def test_dispute_names_the_payment_intent() -> None:
+    event = fixture_event("charge.dispute.created__zulip")
+    effect = interpret(event)
+    assert effect.stripe_id == event["data"]["object"]["payment_intent"]
+    assert effect.change is not None and effect.change.status == "disputed"
+
+
+def test_charge_failed_moves_nothing_payment_failed_reports_it() -> None:
+    assert interpret(fixture_event("charge.failed__zulip")).change is None
+
+
+@pytest.mark.parametrize(
+    "body",
+    [[], {"id": "x"}, {"id": "evt_1", "type": "t", "created": 1},
+     {"id": "evt_1", "type": "payment_intent.succeeded", "created": "yesterday", "data": {"object": {"id": "pi"}}},
+     {"id": "evt_1", "type": "payment_intent.succeeded", "created": 1, "data": {"object": {}}}],
+)
+def test_envelopes_that_are_not_stripe_events(body: object) -> None:
+    with pytest.raises(MalformedEvent):
+        check_envelope(body)
+
+
+def test_supported_families() -> None:
+    assert is_supported("payment_intent.succeeded")
+    assert is_supported("charge.dispute.created")
+    assert not is_supported("customer.created")
+    assert not is_supported("checkout.session.completed")
