@@ -87,12 +87,13 @@ class Server:
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.api_key = "psk_test_" + secrets.token_hex(8)
         self.webhook_secret = "whsec_" + secrets.token_hex(12)
+        self.rotated_secret = "whsec_" + secrets.token_hex(12)  # the second of two, as in a rotation
         self.token_secret = secrets.token_hex(32)
         self.database_url = database_url
         self.env = {
             **os.environ,
             "DATABASE_URL": database_url,
-            "STRIPE_WEBHOOK_SECRET": self.webhook_secret,
+            "STRIPE_WEBHOOK_SECRET": f"{self.webhook_secret}, {self.rotated_secret}",
             "PAYSTREAM_API_KEY": self.api_key,
             "PAYSTREAM_TOKEN_SECRET": self.token_secret,
             "PORT": str(self.port),

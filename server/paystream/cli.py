@@ -104,7 +104,6 @@ def cmd_dev(args: argparse.Namespace) -> int:
         "\n".join([
             "",
             f"  paystream dev  {base}",
-            f"  demo           {base}/demo",
             f"  webhook        {base}/v1/stripe/webhook",
             f"  database       {db.redact(url)}",
             f"  API key        {os.environ['PAYSTREAM_API_KEY']}",

@@ -100,7 +100,9 @@ class Hub:
         self._check_timeout = check_timeout
         self._subs: dict[str, set[Subscription]] = {}
         self._conn: asyncpg.Connection | None = None
+        self._connected_once = False
         self._lost = asyncio.Event()
+        self._up = asyncio.Event()
         self._supervisor: asyncio.Task[None] | None = None
         self._fetching: dict[str, bool] = {}  # txn id -> another fetch requested meanwhile
         self._tasks: set[asyncio.Task[None]] = set()
@@ -120,9 +122,7 @@ class Hub:
 
     async def wait_ready(self, timeout: float) -> bool:
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                while not self.ready:
-                    await asyncio.sleep(0.05)
+            await asyncio.wait_for(self._up.wait(), timeout)
         return self.ready
 
     async def stop(self) -> None:
@@ -159,7 +159,6 @@ class Hub:
             await self._check()
 
     async def _connect(self) -> None:
-        first = self._conn is None
         await self._drop_connection()
         self._lost.clear()
         conn = await asyncpg.connect(
@@ -176,8 +175,10 @@ class Hub:
         conn.add_termination_listener(lambda _conn: self._lost.set())
         await conn.add_listener(store.CHANNEL, self._on_notify)
         self._conn = conn
-        if not first:
+        self._up.set()
+        if self._connected_once:
             metrics.LISTENER_RECONNECTS.inc()
+        self._connected_once = True
         log.info("listening on %r", store.CHANNEL)
 
     async def _check(self) -> None:
@@ -196,6 +197,7 @@ class Hub:
             await self._drop_connection()
 
     async def _drop_connection(self) -> None:
+        self._up.clear()
         conn, self._conn = self._conn, None
         if conn is not None and not conn.is_closed():
             conn.terminate()

@@ -90,6 +90,21 @@ def _state_of(data: str) -> dict[str, Any]:
 # --- SSE -------------------------------------------------------------------------------
 
 
+class _EndOnShutdown:
+    """Given to sse-starlette as its shutdown_event: on SIGTERM it calls set(), which
+    closes the subscription, so the generator returns and the response ends cleanly
+    (a complete chunked body) instead of being cancelled mid-stream.  The client then
+    reconnects after `retry` and resumes with Last-Event-ID."""
+
+    __slots__ = ("_sub",)
+
+    def __init__(self, sub: Subscription) -> None:
+        self._sub = sub
+
+    def set(self) -> None:
+        self._sub.close("shutdown")
+
+
 def _sse(seq: int, event: str, data: str) -> bytes:
     return f"id: {seq}\nevent: {event}\ndata: {data}\n\n".encode()
 
@@ -131,6 +146,8 @@ async def sse(request: Request) -> EventSourceResponse:
         sep="\n",
         ping_message_factory=lambda: ServerSentEvent(comment="ping", sep="\n"),
         send_timeout=30,
+        shutdown_event=_EndOnShutdown(sub),  # type: ignore[arg-type]
+        shutdown_grace_period=2,
     )
 
 
@@ -173,6 +190,7 @@ async def get_transaction(request: Request) -> JSONResponse:
     hub: Hub = request.app.state.hub
     state = store.render(row)
     gone = asyncio.create_task(_client_gone(request))
+    metrics.CONNECTIONS.labels("long_poll").inc()
     try:
         async with asyncio.timeout(timeout):
             while state["status"] not in targets:
@@ -190,6 +208,7 @@ async def get_transaction(request: Request) -> JSONResponse:
     finally:
         gone.cancel()
         hub.unsubscribe(sub)
+        metrics.CONNECTIONS.labels("long_poll").dec()
     return JSONResponse({**state, "timed_out": state["status"] not in targets})
 
 

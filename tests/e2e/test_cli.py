@@ -1,0 +1,91 @@
+"""`paystream …` as an operator runs it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from paystream import tokens, trigger
+from tests.conftest import Server
+from tests.support import Paystream
+
+pytestmark = pytest.mark.e2e
+
+
+def paystream(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "paystream", *args], capture_output=True, text=True,
+                          env=env if env is not None else dict(os.environ), timeout=timeout)
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("STRIPE_WEBHOOK_SECRET", "PAYSTREAM_API_KEY", "PAYSTREAM_TOKEN_SECRET", "DATABASE_URL")}
+    env["PAYSTREAM_DATA_DIR"] = "/nonexistent/paystream-test"
+    return {**env, **extra}
+
+
+def test_serve_refuses_without_its_secrets_and_names_them() -> None:
+    result = paystream("serve", env=clean_env(PAYSTREAM_API_KEY="k"))
+    assert result.returncode == 2
+    assert "STRIPE_WEBHOOK_SECRET" in result.stderr and "PAYSTREAM_TOKEN_SECRET" in result.stderr
+    assert "PAYSTREAM_API_KEY" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_help_names_every_command() -> None:
+    out = paystream("--help").stdout
+    for command in ("dev", "serve", "migrate", "token", "trigger"):
+        assert command in out
+    assert "payment_intent.succeeded" in paystream("trigger", "--help").stdout
+
+
+def test_token_mints_a_verifiable_token() -> None:
+    secret = "t" * 32
+    result = paystream("token", "--txn", "pi_1", "--txn", "txn_2", "--ttl", "60",
+                       env=clean_env(PAYSTREAM_TOKEN_SECRET=secret))
+    assert result.returncode == 0, result.stderr
+    grant = tokens.verify(secret, result.stdout.strip())
+    assert grant.txn == {"pi_1", "txn_2"}
+
+
+def test_migrate_reports_an_up_to_date_schema(database_url: str) -> None:
+    result = paystream("migrate", env=clean_env(DATABASE_URL=database_url))
+    assert result.returncode == 0, result.stderr
+    assert "up to date" in result.stdout
+
+
+async def test_trigger_signs_and_posts_like_stripe(ps: Paystream) -> None:
+    pi = trigger.stripe_id("pi_")
+    env = clean_env(STRIPE_WEBHOOK_SECRET=ps.server.webhook_secret)
+    url = f"{ps.server.base_url}/v1/stripe/webhook"
+    result = await asyncio.to_thread(paystream, "trigger", "payment_intent.requires_action", "--id", pi,
+                                     "--amount", "15000", "--url", url, env=env)
+    assert result.returncode == 0, result.stderr
+    assert " -> 200 " in result.stdout
+    txn = (await ps.get(pi)).json()
+    assert (txn["status"], txn["amount"]) == ("requires_action", 15000)
+    bad = await asyncio.to_thread(paystream, "trigger", "customer.created", "--id", pi, "--url", url, env=env)
+    assert bad.returncode == 2 and "cannot build" in bad.stderr
+
+
+async def test_sigterm_ends_streams_and_exits_cleanly(database_url: str) -> None:
+    server = await asyncio.to_thread(Server(database_url).start)
+    try:
+        async with Paystream(server) as ps:
+            pi = trigger.stripe_id("pi_")
+            await ps.deliver(ps.event("payment_intent.processing", pi))
+            async with ps.sse(pi) as stream:
+                await stream.event()
+                server.proc.send_signal(signal.SIGTERM)
+                assert await stream.rest(timeout=15) == []  # the stream ends; the client reconnects
+            code = await asyncio.to_thread(server.proc.wait, 20)
+        # uvicorn re-raises the captured SIGTERM once its shutdown is complete
+        assert code in (0, -signal.SIGTERM), server.log_tail()
+        assert "Application shutdown complete" in server.log_tail()
+    finally:
+        server.stop()
