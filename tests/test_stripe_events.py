@@ -24,7 +24,11 @@ def test_payment_intent_events(name: str, status: str) -> None:
     event = fixture_event(name)
     check_envelope(event)
     effect = interpret(event)
-    assert effect.stripe_id == event["data"]["object"]["id"]
+    obj = event["data"]["object"]
+    if obj.get("invoice"):  # an invoice's PaymentIntent speaks for the invoice
+        assert (effect.stripe_id, effect.links, effect.kind) == (obj["invoice"], (obj["id"],), "invoice")
+    else:
+        assert effect.stripe_id == obj["id"]
     assert effect.change is not None and effect.change.status == status
     assert effect.amount == event["data"]["object"]["amount"]
     assert effect.change.declined == name.startswith("payment_intent.payment_failed")
@@ -84,3 +88,28 @@ def test_supported_families() -> None:
     assert is_supported("charge.dispute.created")
     assert not is_supported("customer.created")
     assert not is_supported("checkout.session.completed")
+
+
+def test_invoice_events_and_their_payment_intents() -> None:
+    paid = fixture_event("invoice.paid__stripe-ruby-mock")
+    effect = interpret(paid)
+    invoice = paid["data"]["object"]
+    assert (effect.stripe_id, effect.kind, effect.change.status) == (invoice["id"], "invoice", "succeeded")
+    assert effect.links == (invoice["payment_intent"],)
+    # API 2025-03-31+: no invoice.payment_intent; the payments list names them
+    invoice.pop("payment_intent")
+    invoice["payments"] = {"data": [{"payment": {"type": "payment_intent", "payment_intent": "pi_new"}}]}
+    assert interpret(paid).links == ("pi_new",)
+    failed = interpret(fixture_event("invoice.payment_failed__stripe-ruby-mock"))
+    assert failed.change.status == "requires_payment_method" and failed.change.declined
+
+
+def test_refund_failures_keep_the_status_and_show_the_error() -> None:
+    effect = interpret(fixture_event("charge.refund.updated__zulip"))
+    assert effect.change is not None and effect.change.refund_error["failure_reason"] == "expired_or_canceled_card"
+    assert interpret(fixture_event("refund.updated__supabase-sync-engine")).change is None
+
+
+def test_setup_intents_are_card_validations() -> None:
+    effect = interpret(fixture_event("setup_intent.succeeded__stripe-ruby-mock"))
+    assert (effect.kind, effect.change.status) == ("card_validation", "succeeded")

@@ -29,6 +29,9 @@ SUCCEEDED_RANK = RANK["succeeded"]
 FINAL: frozenset[str] = frozenset({"succeeded", "canceled", "refunded"})
 
 
+REFUNDABLE: frozenset[str] = frozenset({"succeeded", "partially_refunded", "refunded", "disputed"})
+
+
 def is_pre_success(status: str) -> bool:
     return RANK[status] < SUCCEEDED_RANK
 
@@ -52,6 +55,8 @@ class Change:
     status: str
     at: datetime  # the Stripe event's `created`
     last_error: dict[str, Any] | None = None
+    amount_refunded: int | None = None  # charge.refunded: the running total Stripe reports
+    refund_error: dict[str, Any] | None = None  # refund.failed: the status stays, the error shows
 
     @property
     def declined(self) -> bool:
@@ -63,6 +68,7 @@ class State:
     status: str
     at: datetime | None
     last_error: dict[str, Any] | None = None
+    amount_refunded: int = 0
 
 
 # Stripe moves a PaymentIntent down only through a failed attempt.  A newer event at a
@@ -94,7 +100,15 @@ def decide(current: State, change: Change) -> Decision:
       seconds: in a tie a decline wins (a step then its failure in one second is the
       usual case), then the higher rank.
     """
+    if change.refund_error is not None:
+        if current.status in REFUNDABLE and current.last_error != change.refund_error:
+            return Decision((Change(current.status, change.at, last_error=change.refund_error,
+                                    amount_refunded=current.amount_refunded),))
+        return IGNORE
     if not (is_pre_success(current.status) and is_pre_success(change.status)):
+        if change.status == current.status and change.amount_refunded is not None:
+            # Several partial refunds: Stripe reports a growing total; a smaller one is late.
+            return Decision((change,)) if change.amount_refunded > current.amount_refunded else IGNORE
         if change.declined or change.status == current.status:
             return IGNORE
         if not transition_allowed(current.status, change.status, declined=False):

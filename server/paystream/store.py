@@ -14,7 +14,7 @@ CHANNEL = "paystream"
 
 TXN_COLUMNS = (
     "id, stripe_id, kind, status, amount, currency, customer_id, metadata, last_error,"
-    " validated, seq, status_at, updated_at"
+    " validated, seq, status_at, updated_at, amount_refunded, route"
 )
 
 
@@ -45,6 +45,7 @@ def render(row: asyncpg.Record | dict[str, Any]) -> dict[str, Any]:
         "metadata": row["metadata"],
         "last_error": row["last_error"],
         "validated": row["validated"],
+        "amount_refunded": row["amount_refunded"],
         "seq": row["seq"],
         "updated_at": timestamp(row["updated_at"]),
     }
@@ -123,15 +124,19 @@ async def insert_transaction(
     last_error: dict[str, Any] | None = None,
     validated: bool = False,
     status_at: datetime | None = None,
+    route: str = "transaction",
+    amount_refunded: int = 0,
+    txn_id: str | None = None,
 ) -> asyncpg.Record | None:
     """Create a transaction at seq 1; None if another request created its stripe_id first."""
     return await conn.fetchrow(
         f"""INSERT INTO transactions (id, stripe_id, kind, status, amount, currency, customer_id,
-                                      metadata, last_error, validated, seq, status_at)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 1, $11)
+                                      metadata, last_error, validated, seq, status_at, route,
+                                      amount_refunded)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 1, $11, $12, $13)
             ON CONFLICT (stripe_id) DO NOTHING
             RETURNING {TXN_COLUMNS}""",
-        new_transaction_id(),
+        txn_id or new_transaction_id(),
         stripe_id,
         kind,
         status,
@@ -142,6 +147,8 @@ async def insert_transaction(
         last_error,
         validated,
         status_at,
+        route,
+        amount_refunded,
     )
 
 
@@ -153,11 +160,12 @@ async def move_transaction(
     last_error: dict[str, Any] | None,
     validated: bool,
     status_at: datetime | None,
+    amount_refunded: int,
 ) -> asyncpg.Record:
     return await conn.fetchrow(
         f"""UPDATE transactions
                SET status = $2, last_error = $3, validated = $4, status_at = $5,
-                   seq = seq + 1, updated_at = clock_timestamp()
+                   amount_refunded = $6, seq = seq + 1, updated_at = clock_timestamp()
              WHERE id = $1
          RETURNING {TXN_COLUMNS}""",
         txn_id,
@@ -165,7 +173,32 @@ async def move_transaction(
         last_error,
         validated,
         status_at,
+        amount_refunded,
     )
+
+
+async def lock_by_id(conn: asyncpg.Connection, txn_id: str) -> asyncpg.Record | None:
+    return await conn.fetchrow(f"SELECT {TXN_COLUMNS} FROM transactions WHERE id = $1 FOR UPDATE", txn_id)
+
+
+async def lock_by_link(conn: asyncpg.Connection, stripe_id: str) -> asyncpg.Record | None:
+    """The transaction a secondary Stripe object (an invoice's PaymentIntent) speaks for."""
+    return await conn.fetchrow(
+        f"""SELECT {TXN_COLUMNS} FROM transactions
+             WHERE id = (SELECT transaction_id FROM transaction_links WHERE stripe_id = $1)
+             FOR UPDATE""", stripe_id)
+
+
+async def link(conn: asyncpg.Connection, stripe_id: str, txn_id: str) -> None:
+    await conn.execute(
+        "INSERT INTO transaction_links (stripe_id, transaction_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        stripe_id, txn_id)
+
+
+async def set_stripe_id(conn: asyncpg.Connection, txn_id: str, stripe_id: str) -> None:
+    """Link our transaction to the Stripe object just created for it (once)."""
+    await conn.execute(
+        "UPDATE transactions SET stripe_id = $2 WHERE id = $1 AND stripe_id IS NULL", txn_id, stripe_id)
 
 
 async def touch_transaction(conn: asyncpg.Connection, txn_id: str, status_at: datetime) -> None:
@@ -191,6 +224,7 @@ async def append_event(
     previous_status: str | None,
     stripe_event_id: str | None,
     event_type: str | None,
+    extra: dict[str, Any] | None = None,
 ) -> str:
     """Log the transaction's new state at its seq and NOTIFY, in the caller's transaction.
 
@@ -200,6 +234,8 @@ async def append_event(
     data = render(row)
     data["previous_status"] = previous_status
     data["cause"] = {"stripe_event_id": stripe_event_id, "type": event_type}
+    if extra:
+        data.update(extra)
     text = json.dumps(data, separators=(",", ":"))
     payload = json.dumps({"id": row["id"], "seq": row["seq"], "status": row["status"]}, separators=(",", ":"))
     await conn.execute(

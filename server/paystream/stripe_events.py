@@ -6,7 +6,7 @@ fixture bodies.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -32,6 +32,14 @@ class Effect:
     customer_id: str | None = None
     kind: str = "payment"
     metadata: dict[str, Any] = field(default_factory=dict)
+    # Other Stripe objects that speak for the same transaction (an invoice's PaymentIntents).
+    links: tuple[str, ...] = ()
+
+    @property
+    def transaction_ref(self) -> str | None:
+        """Our own transaction id, when our API created the Stripe object."""
+        ref = self.metadata.get("transaction_id")
+        return ref if isinstance(ref, str) and ref.startswith("txn_") else None
 
 
 def is_supported(event_type: str) -> bool:
@@ -79,7 +87,8 @@ def _kind(obj: dict[str, Any], default: str) -> str:
     return kind if kind in KINDS else default
 
 
-def _base(obj: dict[str, Any], stripe_id: str | None, change: Change | None, kind: str) -> Effect:
+def _base(obj: dict[str, Any], stripe_id: str | None, change: Change | None, kind: str,
+          links: tuple[str, ...] = ()) -> Effect:
     meta = obj.get("metadata")
     amount = obj.get("amount", obj.get("amount_due", 0))
     currency = obj.get("currency") or "usd"
@@ -91,6 +100,7 @@ def _base(obj: dict[str, Any], stripe_id: str | None, change: Change | None, kin
         customer_id=_id(obj.get("customer")),
         kind=_kind(obj, kind),
         metadata=dict(meta) if isinstance(meta, dict) else {},
+        links=links,
     )
 
 
@@ -114,7 +124,10 @@ def _payment_intent(event: dict[str, Any], obj: dict[str, Any], at: datetime) ->
         change = Change(status, at) if status in RANK else None
     else:  # partially_funded and friends: stored, linked, no status of ours
         change = None
-    return _base(obj, obj["id"], change, "invoice" if _id(obj.get("invoice")) else "payment")
+    invoice = _id(obj.get("invoice"))  # before API 2025-03-31 a PI names its invoice
+    if invoice:
+        return _base(obj, invoice, change, "invoice", links=(obj["id"],))
+    return _base(obj, obj["id"], change, "payment")
 
 
 def _charge(event: dict[str, Any], obj: dict[str, Any], at: datetime) -> Effect:
@@ -130,7 +143,10 @@ def _charge(event: dict[str, Any], obj: dict[str, Any], at: datetime) -> Effect:
         # not a refund of ours, so it moves nothing (the PI's canceled event does).
         amount, refunded = obj.get("amount") or 0, obj.get("amount_refunded") or 0
         full = obj.get("refunded") is True or (amount and refunded >= amount)
-        change = Change("refunded" if full else "partially_refunded", at)
+        change = Change("refunded" if full else "partially_refunded", at,
+                        amount_refunded=refunded if isinstance(refunded, int) else None)
+    elif etype == "charge.refund.updated" and obj.get("status") == "failed":
+        change = _refund_failure(obj, at)
     elif etype == "charge.expired":
         change = Change("canceled", at)
     elif etype.startswith("charge.dispute."):
@@ -139,6 +155,70 @@ def _charge(event: dict[str, Any], obj: dict[str, Any], at: datetime) -> Effect:
             change = Change("disputed", at)
     # charge.failed is reported by payment_intent.payment_failed with the PI's own error.
     return _base(obj, target, change, "payment")
+
+
+def _refund_failure(refund: dict[str, Any], at: datetime) -> Change:
+    error = {"code": "refund_failed", "refund": refund.get("id"),
+             "failure_reason": refund.get("failure_reason")}
+    return Change("succeeded", at, refund_error=error)  # status is kept; see lifecycle.decide
+
+
+def _refund(event: dict[str, Any], obj: dict[str, Any], at: datetime) -> Effect:
+    target = _id(obj.get("payment_intent")) or _id(obj.get("charge")) or obj["id"]
+    failed = event["type"] == "refund.failed" or obj.get("status") == "failed"
+    return _base(obj, target, _refund_failure(obj, at) if failed else None, "payment")
+
+
+def _invoice_payment_intents(invoice: dict[str, Any]) -> tuple[str, ...]:
+    """An invoice's PaymentIntents: `payment_intent` before API 2025-03-31, then
+    `payments.data[].payment.payment_intent` (invoice_payments)."""
+    found = []
+    if pi := _id(invoice.get("payment_intent")):
+        found.append(pi)
+    payments = invoice.get("payments")
+    if isinstance(payments, dict):
+        for item in payments.get("data") or []:
+            payment = item.get("payment") if isinstance(item, dict) else None
+            if isinstance(payment, dict) and (pi := _id(payment.get("payment_intent"))):
+                found.append(pi)
+    return tuple(dict.fromkeys(found))
+
+
+def _invoice(event: dict[str, Any], obj: dict[str, Any], at: datetime) -> Effect:
+    etype = event["type"]
+    change: Change | None = None
+    if etype in ("invoice.paid", "invoice.payment_succeeded"):
+        change = Change("succeeded", at)
+    elif etype == "invoice.payment_failed":
+        change = Change("requires_payment_method", at, {"code": "invoice_payment_failed"})
+    elif etype == "invoice.payment_action_required":
+        change = Change("requires_action", at)
+    elif etype == "invoice.voided":
+        change = Change("canceled", at)
+    effect = _base(obj, obj["id"], change, "invoice", links=_invoice_payment_intents(obj))
+    paid = obj.get("amount_paid") or obj.get("amount_due")
+    if isinstance(paid, int) and paid > 0:
+        effect = replace(effect, amount=paid)
+    return effect
+
+
+_SETUP_STATUS = {
+    "setup_intent.created": "requires_payment_method",
+    "setup_intent.requires_action": "requires_action",
+    "setup_intent.succeeded": "succeeded",
+    "setup_intent.canceled": "canceled",
+}
+
+
+def _setup_intent(event: dict[str, Any], obj: dict[str, Any], at: datetime) -> Effect:
+    etype = event["type"]
+    if etype == "setup_intent.setup_failed":
+        change = Change("requires_payment_method", at,
+                        _error_of(obj.get("last_setup_error")) or {"code": "setup_failed"})
+    else:
+        status = _SETUP_STATUS.get(etype)
+        change = Change(status, at) if status else None
+    return _base(obj, obj["id"], change, "card_validation")
 
 
 def interpret(event: dict[str, Any]) -> Effect:
@@ -150,6 +230,8 @@ def interpret(event: dict[str, Any]) -> Effect:
         return _payment_intent(event, obj, at)
     if etype.startswith("charge."):
         return _charge(event, obj, at)
-    # refund.*, invoice.*, setup_intent.*: stored and linked by object id; their flows
-    # arrive with the payment-flows work.
-    return _base(obj, obj["id"], None, "payment")
+    if etype.startswith("refund."):
+        return _refund(event, obj, at)
+    if etype.startswith("invoice."):
+        return _invoice(event, obj, at)
+    return _setup_intent(event, obj, at)

@@ -11,16 +11,9 @@ import stripe
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from paystream import metrics, store
+from paystream import metrics, store, transitions
 from paystream.errors import ApiError
-from paystream.lifecycle import Change, State, decide
-from paystream.stripe_events import (
-    Effect,
-    MalformedEvent,
-    check_envelope,
-    interpret,
-    is_supported,
-)
+from paystream.stripe_events import MalformedEvent, check_envelope, is_supported
 
 log = logging.getLogger("paystream.webhooks")
 
@@ -98,75 +91,18 @@ async def apply_event(pool: asyncpg.Pool, event: dict[str, Any], raw: str,
     try:
         async with pool.acquire() as conn, conn.transaction():
             stored = await store.record_stripe_event(conn, event, raw, headers)
-            if stored["processed_at"] is not None:
+            if stored["processed_at"] is not None or stored["outcome"] == "parked":
                 raise _Duplicate(stored["outcome"])
             if not is_supported(event["type"]):
                 await store.finish_stripe_event(conn, event["id"], outcome="unsupported",
                                                 error="unsupported event type", processed=False)
                 return "unsupported"
-            outcome, txn_id = await _apply(conn, event, interpret(event))
-            await store.finish_stripe_event(conn, event["id"], outcome=outcome, transaction_id=txn_id)
+            outcome, txn_id = await transitions.route_event(conn, event)
+            await store.finish_stripe_event(conn, event["id"], outcome=outcome, transaction_id=txn_id,
+                                            processed=outcome != "parked")
     except _Duplicate:
         log.info("duplicate delivery", extra={"stripe_event_id": event["id"]})
         return "duplicate"
     log.info("webhook %s", outcome, extra={"stripe_event_id": event["id"], "event_type": event["type"],
                                            "transaction_id": txn_id})
     return outcome
-
-
-async def _apply(conn: asyncpg.Connection, event: dict[str, Any], effect: Effect) -> tuple[str, str | None]:
-    if effect.stripe_id is None:
-        return "unrouted", None
-    row = await store.lock_by_stripe_id(conn, effect.stripe_id)
-    if row is None:
-        if effect.change is None:
-            return "unrouted", None  # nothing to create a transaction from; kept for operators
-        row = await _create(conn, event, effect, effect.change)
-        if row is not None:
-            return "applied", row["id"]
-        # Another delivery created it a moment ago: take its lock and apply on top.
-        row = await store.lock_by_stripe_id(conn, effect.stripe_id)
-        assert row is not None
-    change = effect.change
-    if change is None:
-        return "no_change", row["id"]
-    decision = decide(State(row["status"], row["status_at"], row["last_error"]), change)
-    if decision.touch:
-        await store.touch_transaction(conn, row["id"], change.at)
-    for move in decision.moves:
-        moved = await store.move_transaction(
-            conn, row["id"],
-            status=move.status,
-            last_error=move.last_error,
-            validated=row["validated"] or _validates(row["kind"], move.status),
-            status_at=max(move.at, row["status_at"]) if row["status_at"] else move.at,
-        )
-        await store.append_event(conn, moved, previous_status=row["status"],
-                                 stripe_event_id=event["id"], event_type=event["type"])
-        row = moved
-    return ("applied" if decision.moves else "no_change"), row["id"]
-
-
-def _validates(kind: str, status: str) -> bool:
-    return kind == "card_validation" and status == "requires_capture"
-
-
-async def _create(conn: asyncpg.Connection, event: dict[str, Any], effect: Effect,
-                  change: Change) -> asyncpg.Record | None:
-    row = await store.insert_transaction(
-        conn,
-        stripe_id=effect.stripe_id,
-        kind=effect.kind,
-        status=change.status,
-        amount=effect.amount,
-        currency=effect.currency,
-        customer_id=effect.customer_id,
-        metadata=effect.metadata,
-        last_error=change.last_error,
-        validated=_validates(effect.kind, change.status),
-        status_at=change.at,
-    )
-    if row is not None:
-        await store.append_event(conn, row, previous_status=None,
-                                 stripe_event_id=event["id"], event_type=event["type"])
-    return row

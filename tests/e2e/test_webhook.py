@@ -141,7 +141,7 @@ async def test_real_fixture_bodies_drive_a_transaction(ps: Paystream) -> None:
     names = ["payment_intent.created", "payment_intent.requires_action", "payment_intent.succeeded"]
     for i, name in enumerate(names):
         event = fixture_event(f"{name}__stripe-ruby-mock", created=1648320000 + i)
-        event["data"]["object"]["id"] = pi
+        event["data"]["object"].update(id=pi, invoice=None)  # a plain payment, not an invoice's
         await ps.deliver(event)
     refund = fixture_event("charge.refunded__stripe-ruby-mock", created=1648320010)
     refund["data"]["object"]["payment_intent"] = pi

@@ -1,0 +1,135 @@
+"""Every change to a transaction goes through here, inside the caller's database
+transaction: find the transaction an event speaks for, decide, move, run the side
+effects, log and NOTIFY.  Webhooks, the outbox and the sweeper all use it."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import asyncpg
+
+from paystream import effects, store
+from paystream.lifecycle import Change, State, decide
+from paystream.stripe_events import Effect, interpret
+
+log = logging.getLogger("paystream.transitions")
+
+
+def _validates(kind: str, status: str) -> bool:
+    return kind == "card_validation" and status in ("requires_capture", "succeeded")
+
+
+async def apply(conn: asyncpg.Connection, row: asyncpg.Record, change: Change, *,
+                stripe_event_id: str | None, cause_type: str) -> tuple[bool, asyncpg.Record]:
+    """Apply one change to a locked transaction row; True if anything visible changed."""
+    decision = decide(State(row["status"], row["status_at"], row["last_error"], row["amount_refunded"]),
+                      change)
+    if decision.touch:
+        await store.touch_transaction(conn, row["id"], change.at)
+    for move in decision.moves:
+        moved = await store.move_transaction(
+            conn, row["id"],
+            status=move.status,
+            last_error=move.last_error,
+            validated=row["validated"] or _validates(row["kind"], move.status),
+            status_at=max(move.at, row["status_at"]) if row["status_at"] else move.at,
+            amount_refunded=max(row["amount_refunded"], move.amount_refunded or 0),
+        )
+        extra = await effects.after_move(conn, row, moved)
+        await store.append_event(conn, moved, previous_status=row["status"],
+                                 stripe_event_id=stripe_event_id, event_type=cause_type, extra=extra)
+        row = moved
+    return bool(decision.moves), row
+
+
+async def create(conn: asyncpg.Connection, *, stripe_id: str | None, kind: str, amount: int,
+                 currency: str, customer_id: str | None, metadata: dict[str, Any],
+                 change: Change, stripe_event_id: str | None, cause_type: str,
+                 txn_id: str | None = None) -> asyncpg.Record | None:
+    """A new transaction at seq 1, with its side effects; None if its stripe_id exists."""
+    row = await store.insert_transaction(
+        conn, stripe_id=stripe_id, kind=kind, status=change.status, amount=amount, currency=currency,
+        customer_id=customer_id, metadata=metadata, last_error=change.last_error,
+        validated=_validates(kind, change.status), status_at=change.at,
+        route=effects.route_of(kind, metadata), amount_refunded=change.amount_refunded or 0,
+        txn_id=txn_id)
+    if row is not None:
+        extra = await effects.after_move(conn, None, row)
+        await store.append_event(conn, row, previous_status=None, stripe_event_id=stripe_event_id,
+                                 event_type=cause_type, extra=extra)
+    return row
+
+
+async def lock_for_writing(conn: asyncpg.Connection, txn_id: str) -> None:
+    """Serialise writing a transaction's row with parking events for it (see route_event)."""
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", txn_id)
+
+
+async def route_event(conn: asyncpg.Connection, event: dict[str, Any]) -> tuple[str, str | None]:
+    """Find (or create) the transaction a stored event speaks for and apply it."""
+    effect = interpret(event)
+    if effect.stripe_id is None:
+        return "unrouted", None
+    row = await store.lock_by_stripe_id(conn, effect.stripe_id) or await store.lock_by_link(conn, effect.stripe_id)
+    if row is None and effect.transaction_ref:
+        row = await _by_reference(conn, event, effect)
+        if row is None:
+            return "parked", effect.transaction_ref
+    if row is None:
+        if effect.change is None:
+            return "unrouted", None  # nothing to create a transaction from; kept for operators
+        row = await create(conn, stripe_id=effect.stripe_id, kind=effect.kind, amount=effect.amount,
+                           currency=effect.currency, customer_id=effect.customer_id,
+                           metadata=effect.metadata, change=effect.change,
+                           stripe_event_id=event["id"], cause_type=event["type"])
+        if row is not None:
+            for stripe_id in effect.links:
+                await store.link(conn, stripe_id, row["id"])
+            return "applied", row["id"]
+        # Another delivery created it a moment ago: take its lock and apply on top.
+        row = await store.lock_by_stripe_id(conn, effect.stripe_id)
+        assert row is not None
+    for stripe_id in effect.links:
+        if stripe_id != row["stripe_id"]:
+            await store.link(conn, stripe_id, row["id"])
+    if effect.change is None:
+        return "no_change", row["id"]
+    moved, _ = await apply(conn, row, effect.change, stripe_event_id=event["id"], cause_type=event["type"])
+    return ("applied" if moved else "no_change"), row["id"]
+
+
+async def _by_reference(conn: asyncpg.Connection, event: dict[str, Any], effect: Effect) -> asyncpg.Record | None:
+    """The Stripe object names our transaction in its metadata but is not linked yet (our
+    create call has not stored Stripe's answer).  Link it; or, if the row itself is not
+    written yet, park the event: the transaction that writes the row applies it."""
+    ref = effect.transaction_ref
+    assert ref is not None
+    await lock_for_writing(conn, ref)
+    row = await store.lock_by_id(conn, ref)
+    if row is None:
+        await conn.execute(
+            "INSERT INTO parked_events (stripe_event_id, transaction_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            event["id"], ref)
+        return None
+    if row["stripe_id"] is None:
+        await store.set_stripe_id(conn, row["id"], effect.stripe_id)
+        row = await store.lock_by_id(conn, row["id"])
+    elif row["stripe_id"] != effect.stripe_id:
+        await store.link(conn, effect.stripe_id, row["id"])
+    return row
+
+
+async def unpark(conn: asyncpg.Connection, txn_id: str) -> int:
+    """Apply, in the caller's database transaction, every event parked for txn_id."""
+    parked = await conn.fetch(
+        """SELECT s.id, s.raw_body FROM parked_events p JOIN stripe_events s ON s.id = p.stripe_event_id
+            WHERE p.transaction_id = $1 ORDER BY s.created, s.received_at FOR UPDATE OF p""", txn_id)
+    for record in parked:
+        event = json.loads(record["raw_body"])
+        outcome, routed = await route_event(conn, event)
+        await store.finish_stripe_event(conn, record["id"], outcome=outcome, transaction_id=routed)
+        await conn.execute("DELETE FROM parked_events WHERE stripe_event_id = $1", record["id"])
+        log.info("applied parked event", extra={"stripe_event_id": record["id"], "transaction_id": txn_id})
+    return len(parked)
