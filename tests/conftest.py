@@ -12,6 +12,7 @@ import pytest
 
 from paystream import harness
 from paystream.harness import SYSTEM_PG, FreshDatabase, system_reachable
+from paystream.localstripe import LocalStripe
 from tests.support import Paystream
 
 BACKENDS = [b.strip() for b in os.environ.get("PAYSTREAM_TEST_PG", "system,embedded").split(",") if b.strip()]
@@ -36,8 +37,17 @@ class Server(harness.Server):
 
 
 @pytest.fixture(scope="session")
-def server(database_url: str) -> Iterator[Server]:
-    srv = Server(database_url, {"PAYSTREAM_SSE_PING": "1"}).start()
+def local_stripe() -> Iterator[LocalStripe]:
+    stripe = LocalStripe(harness.free_port(), ARTIFACTS).start()
+    yield stripe
+    stripe.stop()
+
+
+@pytest.fixture(scope="session")
+def server(database_url: str, local_stripe: LocalStripe) -> Iterator[Server]:
+    srv = Server(database_url, {"PAYSTREAM_SSE_PING": "1", "STRIPE_API_BASE": local_stripe.url}).start()
+    # localstripe posts every event to every registered URL: this run's server takes over.
+    local_stripe.register_webhook(f"{srv.base_url}/v1/stripe/webhook", srv.webhook_secret)
     yield srv
     srv.stop()
 

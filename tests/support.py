@@ -83,10 +83,11 @@ class SSE:
 
     async def event(self, timeout: float = 10) -> Frame | None:
         """The next frame that is an event (skipping retry-only and ping frames)."""
-        while True:
-            frame = await self.frame(timeout)
-            if frame is None or frame.event is not None:
-                return frame
+        async with asyncio.timeout(timeout):  # one deadline: pings must not extend it
+            while True:
+                frame = await self.frame(timeout)
+                if frame is None or frame.event is not None:
+                    return frame
 
     async def rest(self, timeout: float = 10) -> list[Frame]:
         """Every event until the server closes the stream."""
@@ -169,3 +170,40 @@ async def wait_until(predicate, timeout: float = 10, what: str = "condition") ->
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+class StripeJs:
+    """What Stripe.js does in the customer's browser, done against localstripe."""
+
+    def __init__(self, base_url: str) -> None:
+        self.http = httpx.AsyncClient(base_url=base_url, timeout=15,
+                                      headers={"Authorization": "Bearer sk_test_paystream"})
+
+    async def __aenter__(self) -> StripeJs:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.http.aclose()
+
+    async def attach_card(self, pi: str, number: str) -> None:
+        pm = await self.http.post("/v1/payment_methods", data={
+            "type": "card", "card[number]": number, "card[exp_month]": "12",
+            "card[exp_year]": "2030", "card[cvc]": "123"})
+        assert pm.status_code == 200, pm.text
+        # localstripe's confirm refuses a payment_method argument: set it on the PI first
+        resp = await self.http.post(f"/v1/payment_intents/{pi}", data={"payment_method": pm.json()["id"]})
+        assert resp.status_code == 200, resp.text
+
+    async def pay(self, pi: str, number: str) -> httpx.Response:
+        await self.attach_card(pi, number)
+        return await self.http.post(f"/v1/payment_intents/{pi}/confirm")
+
+    async def authenticate(self, pi: str, client_secret: str, success: bool = True) -> httpx.Response:
+        return await self.http.post(f"/v1/payment_intents/{pi}/_authenticate",
+                                    data={"client_secret": client_secret, "success": str(success).lower()})
+
+    async def payment_intent(self, pi: str) -> dict[str, Any]:
+        return (await self.http.get(f"/v1/payment_intents/{pi}")).json()
+
+    async def customer(self) -> str:
+        return (await self.http.post("/v1/customers", data={"email": "buyer@example.com"})).json()["id"]

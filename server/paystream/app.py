@@ -7,7 +7,7 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from pydantic import BaseModel, Field, ValidationError
 from starlette.applications import Starlette
@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
 
-from paystream import access, db, metrics, streams, tokens, webhooks
+from paystream import access, db, metrics, payments, streams, tokens, webhooks
 from paystream.config import Settings
 from paystream.errors import (
     ApiError,
@@ -26,6 +26,8 @@ from paystream.errors import (
 )
 from paystream.hub import Hub
 from paystream.logs import setup_logging
+from paystream.recovery import OUTBOX_CHANNEL, Recovery
+from paystream.stripe_api import StripeApi
 
 log = logging.getLogger("paystream.app")
 
@@ -92,18 +94,28 @@ def create_app(settings: Settings | None = None) -> Starlette:
         await db.migrate(dsn)
         pool = await db.create_pool(dsn, settings.db_pool_size)
         hub = Hub(dsn, pool, queue_limit=settings.subscriber_queue_limit)
+        api = StripeApi(settings.stripe_api_key, settings.stripe_api_base) if settings.stripe_api_key else None
+        recovery = None
+        if api is not None:
+            recovery = Recovery(pool, api, stuck_after=timedelta(seconds=settings.stuck_after_seconds),
+                                interval=settings.recovery_interval_seconds)
+            hub.on_channel(OUTBOX_CHANNEL, recovery.kick)
+            recovery.start()
         await hub.start()
-        app.state.pool, app.state.hub = pool, hub
+        app.state.pool, app.state.hub, app.state.stripe = pool, hub, api
         await hub.wait_ready(5)
         log.info("paystream ready on %s", db.redact(dsn))
         try:
             yield
         finally:
+            if recovery is not None:
+                await recovery.stop()
             await hub.stop()
             await pool.close()
 
     routes = [
         Route("/v1/stripe/webhook", webhooks.handle, methods=["POST"]),
+        Route("/v1/transactions", payments.create_transaction, methods=["POST"]),
         Route("/v1/transactions/{id}", streams.get_transaction, methods=["GET"]),
         Route("/v1/transactions/{id}/events", streams.sse, methods=["GET"]),
         WebSocketRoute("/v1/ws", streams.websocket),

@@ -100,12 +100,22 @@ def cmd_dev(args: argparse.Namespace) -> int:
     asyncio.run(db.migrate(url))
     host, port = args.host, args.port
     base = f"http://{host}:{port}"
+    stripe_line = f"  Stripe         {os.environ.get('STRIPE_API_BASE', 'api.stripe.com')}"
+    if not os.environ.get("STRIPE_API_BASE"):
+        from paystream.harness import free_port
+        from paystream.localstripe import LocalStripe
+
+        local = LocalStripe(free_port(), _data_dir()).start()
+        local.register_webhook(f"{base}/v1/stripe/webhook", os.environ["STRIPE_WEBHOOK_SECRET"].split(",")[0])
+        os.environ["STRIPE_API_BASE"] = local.url
+        stripe_line = f"  local Stripe   {local.url} (localstripe; cards 4242…, 3-D Secure 4000 0000 0000 3220, decline …0341)"
     print(
         "\n".join([
             "",
             f"  paystream dev  {base}",
             f"  webhook        {base}/v1/stripe/webhook",
             f"  database       {db.redact(url)}",
+            stripe_line,
             f"  API key        {os.environ['PAYSTREAM_API_KEY']}",
             f"  webhook secret {os.environ['STRIPE_WEBHOOK_SECRET']}",
             "",
@@ -116,6 +126,36 @@ def cmd_dev(args: argparse.Namespace) -> int:
     )
     _run_uvicorn(host, port, 1, access_log=True)
     return 0
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    from datetime import timedelta
+
+    from paystream import db
+    from paystream.config import Settings
+    from paystream.recovery import Recovery, Report
+    from paystream.stripe_api import StripeApi
+
+    settings = Settings()
+    if not settings.stripe_api_key:
+        print("paystream reconcile: STRIPE_API_KEY is not set", file=sys.stderr)
+        return 2
+    url = _database_url(announce=False)
+
+    async def once() -> Report:
+        pool = await db.create_pool(url, 2)
+        try:
+            recovery = Recovery(pool, StripeApi(settings.stripe_api_key, settings.stripe_api_base),
+                                stuck_after=timedelta(seconds=args.older_than))
+            report = Report()
+            await recovery.run_outbox(report)
+            return await recovery.sweep(report)
+        finally:
+            await pool.close()
+
+    report = asyncio.run(once())
+    print(json.dumps(report.__dict__))
+    return 1 if report.errors else 0
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -177,16 +217,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"paystream {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("dev", help="zero set-up: embedded Postgres, generated secrets, demo page",
+    p = sub.add_parser("dev", help="zero set-up: embedded Postgres, local Stripe, generated secrets",
                        description="Run paystream locally with no configuration: an embedded "
-                       "Postgres under .paystream/ (unless DATABASE_URL is set), generated dev "
-                       "secrets (kept in .paystream/dev-secrets.json), migrations, and the server.")
+                       "Postgres under .paystream/ (unless DATABASE_URL is set), a local Stripe "
+                       "stand-in (localstripe, unless STRIPE_API_BASE is set) posting signed "
+                       "webhooks here, generated dev secrets (kept in .paystream/dev-secrets.json), "
+                       "migrations, and the server.")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.set_defaults(func=cmd_dev)
 
     p = sub.add_parser("serve", help="production server: config from the environment",
-                       description="Serve with uvicorn. Needs STRIPE_WEBHOOK_SECRET, "
+                       description="Serve with uvicorn. Needs STRIPE_API_KEY, STRIPE_WEBHOOK_SECRET, "
                        "PAYSTREAM_API_KEY and PAYSTREAM_TOKEN_SECRET; uses DATABASE_URL "
                        "(unset: the embedded Postgres), HOST and PORT.")
     p.add_argument("--host", default=None, help="default: $HOST or 127.0.0.1")
@@ -199,6 +241,15 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Apply every migration in db/migrations not yet recorded in "
                        "paystream_schema_version (DATABASE_URL, or the embedded Postgres).")
     p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("reconcile", help="re-check stuck transactions with Stripe once, now",
+                       description="Run the recovery pass once: pending Stripe calls from the "
+                       "outbox, then re-read from Stripe every transaction stuck in processing or "
+                       "requires_action, and expire authorisations left uncaptured for 7 days. "
+                       "Prints what it did as JSON.")
+    p.add_argument("--older-than", type=float, default=900, metavar="SECONDS",
+                   help="how long a transaction must have been stuck (default 900)")
+    p.set_defaults(func=cmd_reconcile)
 
     p = sub.add_parser("token", help="mint a stream token (JWT) for a browser",
                        description="Mint a stream token signed with PAYSTREAM_TOKEN_SECRET "

@@ -6,7 +6,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Secrets `paystream serve` refuses to start without, by environment variable name.
-REQUIRED_SECRETS = ("STRIPE_WEBHOOK_SECRET", "PAYSTREAM_API_KEY", "PAYSTREAM_TOKEN_SECRET")
+REQUIRED_SECRETS = ("STRIPE_API_KEY", "STRIPE_WEBHOOK_SECRET", "PAYSTREAM_API_KEY", "PAYSTREAM_TOKEN_SECRET")
 
 
 class Settings(BaseSettings):
@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     subscriber_queue_limit: int = Field(default=1000, alias="PAYSTREAM_QUEUE_LIMIT")
     long_poll_max_seconds: float = 60.0
     db_pool_size: int = Field(default=10, alias="PAYSTREAM_DB_POOL")
+    # The sweeper re-checks processing / requires_action transactions older than this.
+    stuck_after_seconds: float = Field(default=900, alias="PAYSTREAM_STUCK_AFTER")
+    recovery_interval_seconds: float = Field(default=60, alias="PAYSTREAM_RECOVERY_INTERVAL")
 
     @property
     def webhook_secrets(self) -> list[str]:
@@ -41,6 +44,7 @@ class Settings(BaseSettings):
 
     def missing_secrets(self) -> list[str]:
         values = {
+            "STRIPE_API_KEY": self.stripe_api_key,
             "STRIPE_WEBHOOK_SECRET": self.webhook_secrets,
             "PAYSTREAM_API_KEY": self.paystream_api_key,
             "PAYSTREAM_TOKEN_SECRET": self.paystream_token_secret,

@@ -79,6 +79,7 @@ async def after_move(conn: asyncpg.Connection, before: asyncpg.Record | None,
         await conn.execute(
             "INSERT INTO outbox (kind, transaction_id) VALUES ('cancel_validation', $1) ON CONFLICT DO NOTHING",
             after["id"])
+        await conn.execute("SELECT pg_notify('paystream_outbox', $1)", after["id"])
     if route != "wallet":
         return None
     if not after["customer_id"]:

@@ -83,6 +83,7 @@ class Server:
             **os.environ,
             "DATABASE_URL": database_url,
             "STRIPE_WEBHOOK_SECRET": f"{self.webhook_secret}, {self.rotated_secret}",
+            "STRIPE_API_KEY": "sk_test_paystream",
             "PAYSTREAM_API_KEY": self.api_key,
             "PAYSTREAM_TOKEN_SECRET": self.token_secret,
             "PORT": str(self.port),

@@ -15,7 +15,7 @@ import json
 import logging
 import random
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import asyncpg
 
@@ -105,9 +105,15 @@ class Hub:
         self._up = asyncio.Event()
         self._supervisor: asyncio.Task[None] | None = None
         self._fetching: dict[str, bool] = {}  # txn id -> another fetch requested meanwhile
+        self._channels: dict[str, Callable[[], None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     # --- life --------------------------------------------------------------------------
+
+    def on_channel(self, channel: str, callback: Callable[[], None]) -> None:
+        """Also LISTEN on `channel` and call `callback` for each notification (and after
+        every reconnect, since notifications may have been missed meanwhile)."""
+        self._channels[channel] = callback
 
     @property
     def ready(self) -> bool:
@@ -174,6 +180,9 @@ class Hub:
         )
         conn.add_termination_listener(lambda _conn: self._lost.set())
         await conn.add_listener(store.CHANNEL, self._on_notify)
+        for channel, callback in self._channels.items():
+            await conn.add_listener(channel, lambda *_args, cb=callback: cb())
+            callback()
         self._conn = conn
         self._up.set()
         if self._connected_once:

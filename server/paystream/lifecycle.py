@@ -7,8 +7,18 @@ refuses anything this module would refuse, so a bug here cannot corrupt a status
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
+
+# The time of a status our own API sets before Stripe has said anything: earlier than
+# any Stripe event, so none of them is mistaken for a late one.
+BEFORE_STRIPE = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def stripe_now() -> datetime:
+    """Now, at Stripe's whole-second granularity, for changes paystream itself observes
+    (a reconcile, a release): the same tie rules then apply as between Stripe's events."""
+    return datetime.now(UTC).replace(microsecond=0)
 
 RANK: dict[str, int] = {
     "requires_payment_method": 0,

@@ -24,7 +24,8 @@ def paystream(*args: str, env: dict[str, str] | None = None, timeout: float = 60
 
 def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
-           if k not in ("STRIPE_WEBHOOK_SECRET", "PAYSTREAM_API_KEY", "PAYSTREAM_TOKEN_SECRET", "DATABASE_URL")}
+           if k not in ("STRIPE_API_KEY", "STRIPE_WEBHOOK_SECRET", "PAYSTREAM_API_KEY",
+                        "PAYSTREAM_TOKEN_SECRET", "DATABASE_URL")}
     env["PAYSTREAM_DATA_DIR"] = "/nonexistent/paystream-test"
     return {**env, **extra}
 
@@ -32,7 +33,8 @@ def clean_env(**extra: str) -> dict[str, str]:
 def test_serve_refuses_without_its_secrets_and_names_them() -> None:
     result = paystream("serve", env=clean_env(PAYSTREAM_API_KEY="k"))
     assert result.returncode == 2
-    assert "STRIPE_WEBHOOK_SECRET" in result.stderr and "PAYSTREAM_TOKEN_SECRET" in result.stderr
+    for name in ("STRIPE_API_KEY", "STRIPE_WEBHOOK_SECRET", "PAYSTREAM_TOKEN_SECRET"):
+        assert name in result.stderr
     assert "PAYSTREAM_API_KEY" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
