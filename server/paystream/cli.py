@@ -149,7 +149,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
                                 stuck_after=timedelta(seconds=args.older_than))
             report = Report()
             await recovery.run_outbox(report)
-            return await recovery.sweep(report)
+            return await recovery.sweep(report, args.id or None)
         finally:
             await pool.close()
 
@@ -249,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "Prints what it did as JSON.")
     p.add_argument("--older-than", type=float, default=900, metavar="SECONDS",
                    help="how long a transaction must have been stuck (default 900)")
+    p.add_argument("--id", action="append", default=[], metavar="ID",
+                   help="re-check only this txn_ or pi_ id (repeatable)")
     p.set_defaults(func=cmd_reconcile)
 
     p = sub.add_parser("token", help="mint a stream token (JWT) for a browser",

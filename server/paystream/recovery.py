@@ -127,12 +127,14 @@ class Recovery:
 
     # --- the sweeper --------------------------------------------------------------------
 
-    async def sweep(self, report: Report) -> Report:
+    async def sweep(self, report: Report, only: list[str] | None = None) -> Report:
+        """Re-check stuck transactions (or just `only`, by txn_ or pi_ id) with Stripe."""
         stuck = await self.pool.fetch(
             """SELECT id, stripe_id FROM transactions
                 WHERE status IN ('processing', 'requires_action') AND stripe_id LIKE 'pi\\_%'
                   AND updated_at < clock_timestamp() - $1::interval
-                ORDER BY updated_at LIMIT 200""", self.stuck_after)
+                  AND ($2::text[] IS NULL OR id = ANY($2) OR stripe_id = ANY($2))
+                ORDER BY updated_at LIMIT 200""", self.stuck_after, only)
         for row in stuck:
             report.checked += 1
             try:
@@ -155,7 +157,8 @@ class Recovery:
                SELECT 'expire_authorization', id FROM transactions
                 WHERE status = 'requires_capture' AND stripe_id LIKE 'pi\\_%'
                   AND updated_at < clock_timestamp() - $1::interval
-               ON CONFLICT DO NOTHING RETURNING id""", AUTHORIZATION_LIFETIME)
+                  AND ($2::text[] IS NULL OR id = ANY($2) OR stripe_id = ANY($2))
+               ON CONFLICT DO NOTHING RETURNING id""", AUTHORIZATION_LIFETIME, only)
         report.expiring = len(expiring)
         if expiring:
             await self.run_outbox(report)

@@ -84,14 +84,19 @@ class StripeApi:
             params["discounts"] = [{"coupon": coupon}]
         invoice = await self._call("create an invoice", self.client.v1.invoices.create_async(
             params=params, options={"idempotency_key": f"paystream-{txn_id}-invoice"}))
+        # Since API 2025-03-31 an invoice has no payment_intent field: the browser pays
+        # with its confirmation_secret, and its PaymentIntents are listed under payments.
         invoice = await self._call("finalize the invoice", self.client.v1.invoices.finalize_invoice_async(
-            invoice.id, options={"idempotency_key": f"paystream-{txn_id}-finalize"}))
-        pi_id = getattr(invoice, "payment_intent", None)
-        secret = None
-        if pi_id:
-            pi = await self.retrieve_payment_intent(pi_id)
-            secret = pi.client_secret
-        return Created(invoice.id, secret, "requires_payment_method", links=(pi_id,) if pi_id else ())
+            invoice.id, params={"expand": ["confirmation_secret", "payments"]},
+            options={"idempotency_key": f"paystream-{txn_id}-finalize"}))
+        secret_obj = getattr(invoice, "confirmation_secret", None)
+        secret = getattr(secret_obj, "client_secret", None) if secret_obj else None
+        links = []
+        for item in getattr(getattr(invoice, "payments", None), "data", None) or []:
+            pi = getattr(getattr(item, "payment", None), "payment_intent", None)
+            if isinstance(pi, str):
+                links.append(pi)
+        return Created(invoice.id, secret, "requires_payment_method", links=tuple(links))
 
     async def retrieve_payment_intent(self, pi_id: str) -> Any:
         return await self._call("read the PaymentIntent", self.client.v1.payment_intents.retrieve_async(pi_id))

@@ -98,8 +98,9 @@ async def apply_event(pool: asyncpg.Pool, event: dict[str, Any], raw: str,
                                                 error="unsupported event type", processed=False)
                 return "unsupported"
             outcome, txn_id = await transitions.route_event(conn, event)
-            await store.finish_stripe_event(conn, event["id"], outcome=outcome, transaction_id=txn_id,
-                                            processed=outcome != "parked")
+            parked = outcome == "parked"  # txn_id names a row not written yet: no link
+            await store.finish_stripe_event(conn, event["id"], outcome=outcome,
+                                            transaction_id=None if parked else txn_id, processed=not parked)
     except _Duplicate:
         log.info("duplicate delivery", extra={"stripe_event_id": event["id"]})
         return "duplicate"
