@@ -114,7 +114,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             await pool.close()
 
     routes = [
-        Route("/v1/stripe/webhook", webhooks.handle, methods=["POST"]),
+        Route("/v1/stripe/webhook", webhooks.handle, methods=["POST"], name="stripe_webhook"),
         Route("/v1/transactions", payments.create_transaction, methods=["POST"]),
         Route("/v1/transactions/{id}", streams.get_transaction, methods=["GET"]),
         Route("/v1/transactions/{id}/events", streams.sse, methods=["GET"]),
@@ -124,6 +124,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/readyz", readyz),
         Route("/metrics", metrics.endpoint),
     ]
+    if settings.demo:
+        from paystream import demo
+
+        routes += demo.routes
     app = Starlette(
         routes=routes,
         lifespan=lifespan,

@@ -94,6 +94,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_dev(args: argparse.Namespace) -> int:
     for name, value in _dev_secrets().items():
         os.environ.setdefault(name, value)
+    os.environ["PAYSTREAM_DEMO"] = "1"
     url = _database_url(announce=True)
     from paystream import db
 
@@ -113,6 +114,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
         "\n".join([
             "",
             f"  paystream dev  {base}",
+            f"  demo           {base}/demo",
             f"  webhook        {base}/v1/stripe/webhook",
             f"  database       {db.redact(url)}",
             stripe_line,
@@ -218,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("dev", help="zero set-up: embedded Postgres, local Stripe, generated secrets",
-                       description="Run paystream locally with no configuration: an embedded "
+                       description="Run paystream locally with no configuration: the /demo checkout page, an embedded "
                        "Postgres under .paystream/ (unless DATABASE_URL is set), a local Stripe "
                        "stand-in (localstripe, unless STRIPE_API_BASE is set) posting signed "
                        "webhooks here, generated dev secrets (kept in .paystream/dev-secrets.json), "

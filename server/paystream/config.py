@@ -32,6 +32,8 @@ class Settings(BaseSettings):
     subscriber_queue_limit: int = Field(default=1000, alias="PAYSTREAM_QUEUE_LIMIT")
     long_poll_max_seconds: float = 60.0
     db_pool_size: int = Field(default=10, alias="PAYSTREAM_DB_POOL")
+    # Serve the /demo checkout (unauthenticated: `paystream dev` only).
+    demo: bool = Field(default=False, alias="PAYSTREAM_DEMO")
     # The sweeper re-checks processing / requires_action transactions older than this.
     stuck_after_seconds: float = Field(default=900, alias="PAYSTREAM_STUCK_AFTER")
     recovery_interval_seconds: float = Field(default=60, alias="PAYSTREAM_RECOVERY_INTERVAL")

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Literal
+from typing import Any, Literal
 
 import asyncpg
 from pydantic import BaseModel, Field, ValidationError, field_validator
+from starlette.datastructures import State
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
@@ -90,20 +91,26 @@ async def _remember(pool: asyncpg.Pool, key: str | None, status: int, body: dict
 
 async def create_transaction(request: Request) -> JSONResponse:
     access.backend(request)
-    api: StripeApi | None = request.app.state.stripe
-    if api is None:
-        raise ApiError(503, "stripe_not_configured", "STRIPE_API_KEY is not set on this server")
     raw = await read_limited(request, 64 * 1024)
-    req = _parse(raw)
     key = request.headers.get("idempotency-key")
     if key is not None and not 1 <= len(key) <= 255:
         raise ApiError(400, "bad_request", "Idempotency-Key must be 1 to 255 characters")
-    pool: asyncpg.Pool = request.app.state.pool
+    status, body = await create(request.app.state, raw, key)
+    return JSONResponse(body, status_code=status)
+
+
+async def create(state: State, raw: bytes, key: str | None) -> tuple[int, dict[str, Any]]:
+    """Create a transaction from a request body; the HTTP status and body to answer."""
+    api: StripeApi | None = state.stripe
+    if api is None:
+        raise ApiError(503, "stripe_not_configured", "STRIPE_API_KEY is not set on this server")
+    req = _parse(raw)
+    pool: asyncpg.Pool = state.pool
 
     async with pool.acquire() as conn, conn.transaction():
         earlier = await _claim_key(conn, key, hashlib.sha256(raw).hexdigest()) if key else None
         if earlier is not None and earlier["response"] is not None:
-            return JSONResponse(earlier["response"], status_code=earlier["status_code"])
+            return earlier["status_code"], earlier["response"]
         if earlier is not None and earlier["transaction_id"] is not None:
             row = await store.lock_by_id(conn, earlier["transaction_id"])  # a retry after a 502
         else:
@@ -127,7 +134,7 @@ async def create_transaction(request: Request) -> JSONResponse:
         body = {"error": failure.as_error() | {"transaction_id": txn_id}}
         if failure.status < 500:
             await _remember(pool, key, failure.status, body)  # final: the same answer again
-        return JSONResponse(body, status_code=failure.status)
+        return failure.status, body
 
     async with pool.acquire() as conn, conn.transaction():
         await transitions.lock_for_writing(conn, txn_id)
@@ -135,11 +142,11 @@ async def create_transaction(request: Request) -> JSONResponse:
         for linked in created.links:
             await store.link(conn, linked, txn_id)
         row = await store.get_transaction(conn, txn_id)
-    token, _ = tokens.mint(request.app.state.settings.paystream_token_secret,
+    token, _ = tokens.mint(state.settings.paystream_token_secret,
                            txn=[txn_id, created.stripe_id], ttl_seconds=3600)
     body = {"transaction": store.render(row), "client_secret": created.client_secret, "stream_token": token}
     await _remember(pool, key, 201, json.loads(json.dumps(body)))
-    return JSONResponse(body, status_code=201)
+    return 201, body
 
 
 async def _create_at_stripe(api: StripeApi, row: asyncpg.Record, req: CreateTransaction) -> Created:

@@ -1,0 +1,31 @@
+// Long-poll fallback: asks the server to answer when the status leaves the current one.
+// Every answer is checked against seq, so nothing is delivered twice.
+
+import { HttpError, url, type Transport, type TransportOptions } from "./transport.js";
+import { FINAL, type Status, type Transaction } from "./types.js";
+
+const ALL: Status[] = ["requires_payment_method", "requires_confirmation", "requires_action", "processing",
+  "requires_capture", "succeeded", "canceled", "partially_refunded", "refunded", "disputed"];
+
+export function poll(o: TransportOptions): Transport {
+  const abort = new AbortController();
+  (async () => {
+    let current: Status | undefined;
+    for (;;) {
+      const waitFor = current ? ALL.filter((s) => s !== current).join(",") : ALL.join(",");
+      const res = await fetch(url(o.baseUrl, `/v1/transactions/${encodeURIComponent(o.id)}`,
+        { token: o.token, await: waitFor, timeout: "25" }), { signal: abort.signal, cache: "no-store" });
+      if (!res.ok) throw new HttpError(res.status, `long-poll answered ${res.status}`);
+      const tx = (await res.json()) as Transaction & { timed_out?: boolean };
+      delete tx.timed_out;
+      o.onEvent(tx);
+      current = tx.status;
+      // The long-poll answers at once for a final status, so it cannot follow past one.
+      if (FINAL.has(tx.status)) return;
+    }
+  })().then(
+    () => o.onClose(),
+    (err) => { if (!abort.signal.aborted) o.onClose(err); },
+  );
+  return { close: () => abort.abort() };
+}

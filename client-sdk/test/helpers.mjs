@@ -1,0 +1,105 @@
+// A live paystream for the SDK's tests: `paystream dev` as a subprocess (embedded Postgres
+// in a fresh folder unless DATABASE_URL is set), plus Stripe-signed webhooks.
+
+import { spawn } from "node:child_process";
+import { createHmac, randomBytes } from "node:crypto";
+import { mkdtempSync, readFileSync, mkdirSync } from "node:fs";
+import { createServer } from "node:net";
+import { tmpdir } from "node:os";
+import { dirname, join, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+
+const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "..", "..");
+export const PYTHON = process.env.PAYSTREAM_PYTHON ?? join(ROOT, ".venv", "bin", "python");
+export const ARTIFACTS = join(ROOT, "client-sdk", "test-artifacts");
+mkdirSync(ARTIFACTS, { recursive: true });
+
+export function freePort() {
+  return new Promise((res) => {
+    const srv = createServer().listen(0, "127.0.0.1", () => {
+      const { port } = srv.address();
+      srv.close(() => res(port));
+    });
+  });
+}
+
+async function until(check, what, ms = 30000) {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    if (await check().catch(() => false)) return;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 50)); // another process's start-up: nothing to await
+  }
+}
+
+/** Start localstripe on its own, so it outlives paystream restarts. */
+export async function startLocalStripe() {
+  const port = await freePort();
+  const proc = spawn(PYTHON, ["-m", "localstripe", "--port", String(port), "--from-scratch"], { stdio: "ignore" });
+  const url = `http://127.0.0.1:${port}`;
+  await until(async () => (await fetch(`${url}/v1/customers`, { headers: { Authorization: "Bearer sk_test_x" } })).ok, "localstripe");
+  return {
+    url,
+    async registerWebhook(target, secret) {
+      const res = await fetch(`${url}/_config/webhooks/paystream`, { method: "POST", body: new URLSearchParams({ url: target, secret }) });
+      if (!res.ok) throw new Error(`localstripe webhook registration: ${res.status}`);
+    },
+    stop: () => proc.kill("SIGTERM"),
+  };
+}
+
+/** `paystream dev` on a port and data folder; start() again after stop() keeps both. */
+export class Paystream {
+  constructor({ port, dataDir, env = {} }) {
+    this.port = port;
+    this.url = `http://127.0.0.1:${port}`;
+    this.dataDir = dataDir;
+    this.env = env;
+  }
+  static async create(env = {}) {
+    return new Paystream({ port: await freePort(), dataDir: mkdtempSync(join(tmpdir(), "paystream-sdk-")), env });
+  }
+  async start() {
+    this.proc = spawn(PYTHON, ["-m", "paystream", "dev", "--port", String(this.port)], {
+      env: { ...process.env, PAYSTREAM_DATA_DIR: this.dataDir, PAYSTREAM_SSE_PING: "1", ...this.env },
+      stdio: ["ignore", "ignore", "pipe"],
+    });
+    this.exited = new Promise((r) => this.proc.on("exit", r));
+    await until(async () => (await fetch(`${this.url}/readyz`)).ok, "paystream dev");
+    this.secrets = JSON.parse(readFileSync(join(this.dataDir, "dev-secrets.json"), "utf8"));
+    return this;
+  }
+  async stop() {
+    this.proc.kill("SIGTERM");
+    await this.exited;
+  }
+  token(...ids) {
+    const b64 = (o) => Buffer.from(JSON.stringify(o)).toString("base64url");
+    const head = b64({ alg: "HS256", typ: "JWT" });
+    const body = b64({ exp: Math.floor(Date.now() / 1000) + 600, txn: ids });
+    const sig = createHmac("sha256", this.secrets.PAYSTREAM_TOKEN_SECRET).update(`${head}.${body}`).digest("base64url");
+    return `${head}.${body}.${sig}`;
+  }
+  /** Sign and post a Stripe event about PaymentIntent `pi`, as Stripe does. */
+  async send(type, pi, { status, created, lastError, metadata = {} } = {}) {
+    const event = {
+      id: `evt_${randomBytes(12).toString("hex")}`, object: "event", api_version: "2025-03-31.basil",
+      created: created ?? Math.floor(Date.now() / 1000), type, livemode: false,
+      data: { object: { id: pi, object: "payment_intent", amount: 1500, currency: "usd", status, metadata,
+        last_payment_error: lastError ?? null, customer: null } },
+    };
+    const body = JSON.stringify(event);
+    const t = Math.floor(Date.now() / 1000);
+    const v1 = createHmac("sha256", this.secrets.STRIPE_WEBHOOK_SECRET.split(",")[0]).update(`${t}.${body}`).digest("hex");
+    const res = await fetch(`${this.url}/v1/stripe/webhook`, {
+      method: "POST", body, headers: { "Content-Type": "application/json", "Stripe-Signature": `t=${t},v1=${v1}` },
+    });
+    if (res.status !== 200) throw new Error(`webhook answered ${res.status}: ${await res.text()}`);
+    return res.json();
+  }
+  async metrics() {
+    return (await fetch(`${this.url}/metrics`)).text();
+  }
+}
+
+export const newPi = () => `pi_${randomBytes(12).toString("hex")}`;

@@ -1,0 +1,114 @@
+// The SDK against a live server over each transport.
+
+import assert from "node:assert/strict";
+import { after, before, describe, test } from "node:test";
+
+import { PaystreamError, waitFor, watch } from "../dist/index.js";
+import { newPi, Paystream } from "./helpers.mjs";
+
+let ps;
+before(async () => { ps = await (await Paystream.create()).start(); });
+after(async () => { await ps?.stop(); });
+
+/** Collect a watch's updates; resolves when `done(updates)` says so. */
+function collect(id, options, done) {
+  const updates = [];
+  let stop;
+  const finished = new Promise((resolve, reject) => {
+    stop = watch(id, {
+      baseUrl: ps.url, ...options,
+      onUpdate(tx) { updates.push(tx); if (done(updates)) resolve(updates); },
+      onError: reject,
+    });
+  });
+  return { updates, finished, stop: () => stop() };
+}
+
+for (const transport of ["sse", "ws", "poll"]) {
+  describe(`transport ${transport}`, () => {
+    test("every update once, in seq order, ending at the final status", async () => {
+      const pi = newPi();
+      await ps.send("payment_intent.processing", pi, { status: "processing" });
+      let snapshotSeen;
+      const ready = new Promise((r) => { snapshotSeen = r; });
+      const w = collect(pi, { token: ps.token(pi), transport }, (u) => { snapshotSeen(); return u.at(-1).status === "succeeded"; });
+      await ready;
+      await ps.send("payment_intent.succeeded", pi, { status: "succeeded" });
+      await ps.send("payment_intent.succeeded", pi, { status: "succeeded" }); // a repeat delivery
+      const updates = await w.finished;
+      w.stop();
+      assert.deepEqual(updates.map((u) => [u.seq, u.status]), [[1, "processing"], [2, "succeeded"]]);
+    });
+  });
+}
+
+test("several transactions share one WebSocket", async () => {
+  const [a, b] = [newPi(), newPi()];
+  await ps.send("payment_intent.processing", a, { status: "processing" });
+  await ps.send("payment_intent.processing", b, { status: "processing" });
+  const token = ps.token(a, b);
+  const done = (u) => u.at(-1).status === "succeeded";
+  const wa = collect(a, { token, transport: "ws" }, done);
+  const wb = collect(b, { token, transport: "ws" }, done);
+  while (wa.updates.length === 0 || wb.updates.length === 0) await new Promise((r) => setTimeout(r, 20));
+  assert.match(await ps.metrics(), /paystream_connections\{transport="ws"\} 1\.0/);
+  await ps.send("payment_intent.succeeded", a, { status: "succeeded" });
+  await ps.send("payment_intent.succeeded", b, { status: "succeeded" });
+  assert.equal((await wa.finished).at(-1).status, "succeeded");
+  assert.equal((await wb.finished).at(-1).status, "succeeded");
+});
+
+test("waitFor resolves with the transaction", async () => {
+  const pi = newPi();
+  await ps.send("payment_intent.requires_action", pi, { status: "requires_action" });
+  const waiting = waitFor(pi, { baseUrl: ps.url, token: ps.token(pi), timeoutMs: 10000, onUpdate: () => {} });
+  await ps.send("payment_intent.succeeded", pi, { status: "succeeded" });
+  const tx = await waiting;
+  assert.equal(tx.status, "succeeded");
+  assert.equal(tx.stripe_id, pi);
+});
+
+test("waitFor rejects a decline pushed while waiting, with last_error", async () => {
+  const pi = newPi();
+  const t = Math.floor(Date.now() / 1000) - 10;
+  await ps.send("payment_intent.requires_action", pi, { status: "requires_action", created: t });
+  let seen;
+  const first = new Promise((r) => { seen = r; });
+  const waiting = waitFor(pi, { baseUrl: ps.url, token: ps.token(pi), timeoutMs: 10000, onUpdate: () => seen() });
+  await first;
+  await ps.send("payment_intent.payment_failed", pi, { status: "requires_payment_method", created: t + 1,
+    lastError: { code: "card_declined", message: "Your card was declined." } });
+  await assert.rejects(waiting, (err) => err instanceof PaystreamError && err.code === "declined"
+    && err.transaction.last_error.code === "card_declined");
+});
+
+test("waitFor rejects on a cancel, a timeout, a refused or a foreign token", async () => {
+  const pi = newPi();
+  await ps.send("payment_intent.processing", pi, { status: "processing" });
+  const opts = { baseUrl: ps.url, token: ps.token(pi) };
+  await assert.rejects(waitFor(pi, { ...opts, timeoutMs: 300 }), { code: "timeout" });
+  await assert.rejects(waitFor(pi, { ...opts, token: "forged.token.here" }), { code: "unauthorized" });
+  await assert.rejects(waitFor(pi, { ...opts, token: ps.token("pi_other") }), { code: "forbidden" });
+  const ac = new AbortController();
+  const aborted = waitFor(pi, { ...opts, signal: ac.signal });
+  ac.abort();
+  await assert.rejects(aborted, { code: "aborted" });
+  const canceled = waitFor(pi, { ...opts, timeoutMs: 10000 });
+  await ps.send("payment_intent.canceled", pi, { status: "canceled" });
+  await assert.rejects(canceled, { code: "canceled" });
+});
+
+test("a server restart: the stream reconnects, resumes from its seq and misses nothing", async () => {
+  const pi = newPi();
+  const t = Math.floor(Date.now() / 1000) - 10;
+  await ps.send("payment_intent.created", pi, { status: "requires_payment_method", created: t });
+  const w = collect(pi, { token: ps.token(pi), transport: "sse" }, (u) => u.at(-1).status === "succeeded");
+  while (w.updates.length === 0) await new Promise((r) => setTimeout(r, 20));
+  await ps.stop();
+  await ps.start();
+  await ps.send("payment_intent.requires_action", pi, { status: "requires_action", created: t + 1 });
+  await ps.send("payment_intent.succeeded", pi, { status: "succeeded", created: t + 2 });
+  const updates = await w.finished;
+  w.stop();
+  assert.deepEqual(updates.map((u) => u.seq), [1, 2, 3]);
+});
