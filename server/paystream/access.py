@@ -11,6 +11,15 @@ from paystream.errors import ApiError
 from paystream.tokens import BACKEND, Grant
 
 
+def credential(conn: HTTPConnection) -> str:
+    """The key or token the caller presented (after reader() or backend() accepted it)."""
+    return _credential(conn) or ""
+
+
+def address(conn: HTTPConnection) -> str:
+    return conn.client.host if conn.client else "unknown"
+
+
 def _credential(conn: HTTPConnection) -> str | None:
     header = conn.headers.get("authorization")
     if header:

@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pydantic import BaseModel, Field, ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
@@ -25,6 +26,7 @@ from paystream.errors import (
     server_error_handler,
 )
 from paystream.hub import Hub
+from paystream.limits import HeaderLimit, StreamLimits
 from paystream.logs import setup_logging
 from paystream.recovery import OUTBOX_CHANNEL, Recovery
 from paystream.stripe_api import StripeApi
@@ -93,7 +95,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
             raise RuntimeError("DATABASE_URL is not set (use `paystream dev` for the embedded default)")
         await db.migrate(dsn)
         pool = await db.create_pool(dsn, settings.db_pool_size)
-        hub = Hub(dsn, pool, queue_limit=settings.subscriber_queue_limit)
+        hub = Hub(dsn, pool, queue_limit=settings.subscriber_queue_limit,
+                  queue_bytes=settings.subscriber_buffer_bytes)
         api = StripeApi(settings.stripe_api_key, settings.stripe_api_base) if settings.stripe_api_key else None
         recovery = None
         if api is not None:
@@ -131,6 +134,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
+        middleware=[Middleware(HeaderLimit, max_bytes=settings.max_header_bytes)],
         exception_handlers={
             ApiError: api_error_handler,
             HTTPException: http_error_handler,
@@ -138,4 +142,5 @@ def create_app(settings: Settings | None = None) -> Starlette:
         },
     )
     app.state.settings = settings
+    app.state.limits = StreamLimits(settings.max_streams_per_token, settings.max_streams_per_address)
     return app

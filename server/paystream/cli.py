@@ -160,6 +160,45 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     return 1 if report.errors else 0
 
 
+def cmd_events(args: argparse.Namespace) -> int:
+    from paystream import db, webhooks
+
+    url = _database_url(announce=False)
+    where = {
+        "failed": "outcome = 'failed'",
+        "unprocessed": "processed_at IS NULL",
+        "unrouted": "outcome = 'unrouted'",
+        "all": "true",
+    }[args.which]
+
+    async def run() -> int:
+        pool = await db.create_pool(url, 2)
+        try:
+            if args.reprocess:
+                ids = args.id or [r["id"] for r in await pool.fetch(
+                    f"SELECT id FROM stripe_events WHERE processed_at IS NULL AND {where}"
+                    " ORDER BY received_at LIMIT $1", args.limit)]
+                failures = 0
+                for event_id in ids:
+                    try:
+                        outcome = await webhooks.reprocess(pool, event_id)
+                    except Exception as exc:  # report and go on: one bad event must not stop the rest
+                        outcome, failures = f"failed: {type(exc).__name__}: {exc}", failures + 1
+                    print(json.dumps({"id": event_id, "outcome": outcome}))
+                return 1 if failures else 0
+            rows = await pool.fetch(
+                f"""SELECT id, type, object_id, outcome, error, attempts, received_at, processed_at,
+                           transaction_id FROM stripe_events WHERE {where}
+                     ORDER BY received_at DESC LIMIT $1""", args.limit)
+            for r in rows:
+                print(json.dumps({k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in r.items()}))
+            return 0
+        finally:
+            await pool.close()
+
+    return asyncio.run(run())
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     from paystream import db
 
@@ -254,6 +293,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--id", action="append", default=[], metavar="ID",
                    help="re-check only this txn_ or pi_ id (repeatable)")
     p.set_defaults(func=cmd_reconcile)
+
+    p = sub.add_parser("events", help="list stored Stripe events; re-process failed ones",
+                       description="List stored Stripe events as JSON lines (newest first), or "
+                       "with --reprocess apply unprocessed ones again (oldest first), e.g. after a "
+                       "fix for the error they failed with. A processed event is never applied twice.")
+    p.add_argument("which", nargs="?", default="failed", choices=["failed", "unprocessed", "unrouted", "all"],
+                   help="which events (default: failed)")
+    p.add_argument("--reprocess", action="store_true", help="apply them again")
+    p.add_argument("--id", action="append", default=[], metavar="EVT", help="only this event (repeatable)")
+    p.add_argument("--limit", type=int, default=100)
+    p.set_defaults(func=cmd_events)
 
     p = sub.add_parser("token", help="mint a stream token (JWT) for a browser",
                        description="Mint a stream token signed with PAYSTREAM_TOKEN_SECRET "

@@ -30,6 +30,12 @@ class Settings(BaseSettings):
     sse_ping_seconds: float = Field(default=15.0, alias="PAYSTREAM_SSE_PING")
     # Events a subscriber may have queued unread before it is cut off (it resumes by seq).
     subscriber_queue_limit: int = Field(default=1000, alias="PAYSTREAM_QUEUE_LIMIT")
+    # Unread bytes a subscriber may queue before it is cut off (it resumes by seq).
+    subscriber_buffer_bytes: int = Field(default=1 << 20, alias="PAYSTREAM_SUBSCRIBER_BUFFER")
+    # Open streams (SSE, WebSocket, long-poll) one stream token, or one client address, may hold.
+    max_streams_per_token: int = Field(default=20, alias="PAYSTREAM_MAX_STREAMS_PER_TOKEN")
+    max_streams_per_address: int = Field(default=500, alias="PAYSTREAM_MAX_STREAMS_PER_ADDRESS")
+    max_header_bytes: int = Field(default=16 * 1024, alias="PAYSTREAM_MAX_HEADER_BYTES")
     long_poll_max_seconds: float = 60.0
     db_pool_size: int = Field(default=10, alias="PAYSTREAM_DB_POOL")
     # Serve the /demo checkout (unauthenticated: `paystream dev` only).

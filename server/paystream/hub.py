@@ -14,8 +14,10 @@ import contextlib
 import json
 import logging
 import random
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
 
 import asyncpg
 
@@ -26,12 +28,24 @@ log = logging.getLogger("paystream.hub")
 Item = tuple[int, str, str]  # (seq, status, data as JSON text)
 
 
+def _updated_at(data: str) -> float | None:
+    """updated_at of a logged event (its write time), without decoding the whole JSON."""
+    at = data.find('"updated_at":"')
+    if at < 0:
+        return None
+    try:
+        return datetime.strptime(data[at + 14:at + 41], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
+    except ValueError:
+        return None
+
+
 class Subscription:
     """One stream's interest in one transaction, with a bounded queue of log rows."""
 
-    __slots__ = ("txn_id", "last_seq", "pending_seq", "closed", "reason", "_items", "_waiter", "_limit")
+    __slots__ = ("txn_id", "last_seq", "pending_seq", "closed", "reason", "_items", "_waiter", "_limit",
+                 "_bytes", "_byte_limit")
 
-    def __init__(self, txn_id: str, after: int | None, limit: int) -> None:
+    def __init__(self, txn_id: str, after: int | None, limit: int, byte_limit: int = 1 << 20) -> None:
         self.txn_id = txn_id
         # None until the stream has read its snapshot: rows before it must not be pushed.
         self.last_seq = after
@@ -42,17 +56,20 @@ class Subscription:
         self._items: deque[Item] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._limit = limit
+        self._bytes = 0
+        self._byte_limit = byte_limit
 
     def deliver(self, seq: int, status: str, data: str) -> None:
         if self.closed or self.last_seq is None or seq <= self.last_seq:
             return
-        if len(self._items) >= self._limit:
+        if len(self._items) >= self._limit or self._bytes + len(data) > self._byte_limit:
             # It stopped reading: cut it off rather than hold memory for it; the client
             # resumes from the last seq it saw.
             metrics.QUEUE_DROPS.inc()
             self.close("overflow")
             return
         self._items.append((seq, status, data))
+        self._bytes += len(data)
         self.last_seq = seq
         metrics.PUSHED.inc()
         self._wake()
@@ -78,7 +95,9 @@ class Subscription:
                 await self._waiter
             finally:
                 self._waiter = None
-        return self._items.popleft()
+        item = self._items.popleft()
+        self._bytes -= len(item[2])
+        return item
 
 
 class Hub:
@@ -88,12 +107,14 @@ class Hub:
         pool: asyncpg.Pool,
         *,
         queue_limit: int = 1000,
+        queue_bytes: int = 1 << 20,
         check_interval: float = 1.0,
         check_timeout: float = 2.0,
     ) -> None:
         self._dsn = dsn
         self._pool = pool
         self._queue_limit = queue_limit
+        self._queue_bytes = queue_bytes
         # A dead connection is noticed within check_interval + check_timeout (< 5 s),
         # at once when the socket closes.
         self._check_interval = check_interval
@@ -216,7 +237,7 @@ class Hub:
     def subscribe(self, txn_id: str, after: int | None = None) -> Subscription:
         """Register interest. With `after`, every row past it is replayed, then live rows;
         without, nothing is pushed until activate() sets the snapshot's seq."""
-        sub = Subscription(txn_id, after, self._queue_limit)
+        sub = Subscription(txn_id, after, self._queue_limit, self._queue_bytes)
         self._subs.setdefault(txn_id, set()).add(sub)
         if after is not None:
             self._schedule_fetch(txn_id)
@@ -287,12 +308,22 @@ class Hub:
                     await asyncio.sleep(0.05 * 2**attempt)
                     continue
                 attempt = 0
+                self._observe_latency(rows)
                 self._deliver(txn_id, rows)
                 if not self._fetching.get(txn_id):
                     return
                 self._fetching[txn_id] = False
         finally:
             self._fetching.pop(txn_id, None)
+
+    @staticmethod
+    def _observe_latency(rows: list[asyncpg.Record]) -> None:
+        """Webhook → push, once per row (not per subscriber); replays of old rows skipped."""
+        now = time.time()
+        for row in rows:
+            written = _updated_at(row["data"])
+            if written is not None and 0 <= now - written < 60:
+                metrics.WEBHOOK_TO_PUSH.observe(now - written)
 
     def _deliver(self, txn_id: str, rows: Iterable[asyncpg.Record]) -> None:
         subs = self._subs.get(txn_id)

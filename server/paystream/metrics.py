@@ -14,9 +14,9 @@ QUEUE_DROPS = Counter("paystream_subscriber_overflows_total",
 LISTENER_RECONNECTS = Counter("paystream_listener_reconnects_total",
                               "Times the LISTEN connection was re-established")
 LISTENER_UP = Gauge("paystream_listener_up", "1 while the LISTEN connection is healthy")
-NOTIFY_TO_PUSH = Histogram(
-    "paystream_commit_to_push_seconds",
-    "From the event's commit (its log timestamp) to its hand-off to local subscribers",
+WEBHOOK_TO_PUSH = Histogram(
+    "paystream_webhook_to_push_seconds",
+    "From a change's write in the webhook transaction (its updated_at) to its hand-off to local subscribers",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
 )
 

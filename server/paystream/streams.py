@@ -116,7 +116,12 @@ async def sse(request: Request) -> EventSourceResponse:
     if after is None:
         after = _cursor(request.query_params.get("last_event_id"), "last_event_id")
     follow = _flag(request.query_params.get("follow"), "follow")
-    row, sub = await open_subscription(request, any_id, grant, after)
+    release = request.app.state.limits.acquire(grant, access.credential(request), access.address(request))
+    try:
+        row, sub = await open_subscription(request, any_id, grant, after)
+    except BaseException:
+        release()
+        raise
     hub: Hub = request.app.state.hub
 
     async def events():  # noqa: ANN202
@@ -137,6 +142,7 @@ async def sse(request: Request) -> EventSourceResponse:
             # Closed under us (slow reader, shutdown): the client reconnects and resumes.
         finally:
             hub.unsubscribe(sub)
+            release()
             metrics.CONNECTIONS.labels("sse").dec()
 
     settings = request.app.state.settings
@@ -186,7 +192,12 @@ async def get_transaction(request: Request) -> JSONResponse:
     if not 0 <= timeout <= limit:
         raise ApiError(400, "bad_request", f"timeout must be between 0 and {limit:g} seconds")
 
-    row, sub = await open_subscription(request, any_id, grant, None)
+    release = request.app.state.limits.acquire(grant, access.credential(request), access.address(request))
+    try:
+        row, sub = await open_subscription(request, any_id, grant, None)
+    except BaseException:
+        release()
+        raise
     hub: Hub = request.app.state.hub
     state = store.render(row)
     gone = asyncio.create_task(_client_gone(request))
@@ -208,6 +219,7 @@ async def get_transaction(request: Request) -> JSONResponse:
     finally:
         gone.cancel()
         hub.unsubscribe(sub)
+        release()
         metrics.CONNECTIONS.labels("long_poll").dec()
     return JSONResponse({**state, "timed_out": state["status"] not in targets})
 
@@ -218,6 +230,7 @@ async def get_transaction(request: Request) -> JSONResponse:
 async def websocket(ws: WebSocket) -> None:
     try:
         grant = access.reader(ws)
+        release = ws.app.state.limits.acquire(grant, access.credential(ws), access.address(ws))
     except ApiError as exc:
         await ws.send_denial_response(
             JSONResponse({"error": {"code": exc.code, "message": exc.message}}, status_code=exc.status)
@@ -287,6 +300,7 @@ async def websocket(ws: WebSocket) -> None:
     finally:
         for client_id in list(pumps):
             unsubscribe(client_id)
+        release()
         metrics.CONNECTIONS.labels("ws").dec()
         with contextlib.suppress(Exception):
             await ws.close()

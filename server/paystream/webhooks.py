@@ -21,6 +21,11 @@ log = logging.getLogger("paystream.webhooks")
 _KEPT_HEADERS = ("stripe-signature", "content-type", "user-agent", "content-length")
 
 
+# Errors that mean the database cannot be reached, as opposed to an event it refuses.
+_DATABASE_DOWN = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError,
+                  OSError, TimeoutError)
+
+
 class _Duplicate(Exception):
     """Raised inside the database transaction to roll back a repeat delivery."""
 
@@ -97,13 +102,51 @@ async def apply_event(pool: asyncpg.Pool, event: dict[str, Any], raw: str,
                 await store.finish_stripe_event(conn, event["id"], outcome="unsupported",
                                                 error="unsupported event type", processed=False)
                 return "unsupported"
-            outcome, txn_id = await transitions.route_event(conn, event)
-            parked = outcome == "parked"  # txn_id names a row not written yet: no link
-            await store.finish_stripe_event(conn, event["id"], outcome=outcome,
-                                            transaction_id=None if parked else txn_id, processed=not parked)
+            outcome, txn_id = await _route_and_finish(conn, event)
     except _Duplicate:
         log.info("duplicate delivery", extra={"stripe_event_id": event["id"]})
         return "duplicate"
+    except _DATABASE_DOWN:
+        raise  # the database itself is unreachable: nothing can be recorded; Stripe retries
+    except Exception as exc:
+        # A bug or an event we cannot apply: keep it, unprocessed, for an operator to see
+        # and re-process (`paystream events`), then answer 500 so Stripe retries too.
+        log.exception("webhook failed", extra={"stripe_event_id": event["id"], "event_type": event["type"]})
+        await _record_failure(pool, event, raw, headers, f"{type(exc).__name__}: {exc}")
+        raise
     log.info("webhook %s", outcome, extra={"stripe_event_id": event["id"], "event_type": event["type"],
                                            "transaction_id": txn_id})
     return outcome
+
+
+async def _record_failure(pool: asyncpg.Pool, event: dict[str, Any], raw: str, headers: dict[str, str],
+                          error: str) -> None:
+    async with pool.acquire() as conn, conn.transaction():
+        stored = await store.record_stripe_event(conn, event, raw, headers)
+        if stored["processed_at"] is None:
+            await store.finish_stripe_event(conn, event["id"], outcome="failed", error=error[:2000],
+                                            processed=False)
+
+
+async def reprocess(pool: asyncpg.Pool, event_id: str) -> str:
+    """Apply a stored, unprocessed event again (an operator's retry after a fix)."""
+    async with pool.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow("SELECT raw_body, processed_at FROM stripe_events WHERE id = $1 FOR UPDATE",
+                                  event_id)
+        if row is None:
+            return "unknown"
+        if row["processed_at"] is not None:
+            return "duplicate"
+        event = json.loads(row["raw_body"])
+        if not is_supported(event["type"]):
+            return "unsupported"
+        outcome, _ = await _route_and_finish(conn, event)
+    return outcome
+
+
+async def _route_and_finish(conn: asyncpg.Connection, event: dict[str, Any]) -> tuple[str, str | None]:
+    outcome, txn_id = await transitions.route_event(conn, event)
+    parked = outcome == "parked"  # txn_id names a row not written yet: no link
+    await store.finish_stripe_event(conn, event["id"], outcome=outcome,
+                                    transaction_id=None if parked else txn_id, processed=not parked)
+    return outcome, txn_id
