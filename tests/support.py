@@ -100,7 +100,9 @@ class SSE:
 class Paystream:
     def __init__(self, server: Server) -> None:
         self.server = server
-        self.http = httpx.AsyncClient(base_url=server.base_url, timeout=15)
+        # Room for many open streams beside the webhook posts (httpx's default pool is 100).
+        self.http = httpx.AsyncClient(base_url=server.base_url, timeout=15,
+                                      limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100))
 
     async def __aenter__(self) -> Paystream:
         return self
