@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
 
-from paystream import access, db, metrics, payments, streams, tokens, webhooks
+from paystream import access, db, metrics, openapi, payments, streams, tokens, webhooks
 from paystream.config import Settings
 from paystream.errors import (
     ApiError,
@@ -50,7 +50,7 @@ async def json_body(request: Request) -> dict:
 class StreamTokenRequest(BaseModel):
     model_config = {"extra": "forbid"}
     transaction_ids: list[str] | None = Field(default=None, max_length=100)
-    customer_id: str | None = Field(default=None, min_length=1, max_length=255)
+    customer_id: str | None = Field(default=None, min_length=1, max_length=255, pattern=r"^[^\x00]+$")
     ttl_seconds: int = Field(default=3600, ge=1, le=86400)
 
 
@@ -126,6 +126,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", metrics.endpoint),
+        Route("/openapi.json", openapi.endpoint),
     ]
     if settings.demo:
         from paystream import demo

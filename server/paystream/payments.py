@@ -37,10 +37,19 @@ class CreateTransaction(BaseModel):
     metadata: dict[str, str] = Field(default_factory=dict, max_length=40)
     coupon: str | None = Field(default=None, min_length=1, max_length=255)  # invoices only
 
+    @field_validator("customer_id", "coupon")
+    @classmethod
+    def _text(cls, value: str | None) -> str | None:
+        if value is not None and "\x00" in value:
+            raise ValueError("must not contain NUL characters")
+        return value
+
     @field_validator("metadata")
     @classmethod
     def _metadata(cls, value: dict[str, str]) -> dict[str, str]:
         for key, item in value.items():
+            if "\x00" in key or "\x00" in item:
+                raise ValueError("metadata must not contain NUL characters")
             if len(key) > 40 or len(item) > 500:  # Stripe's own limits
                 raise ValueError("metadata keys are at most 40 characters and values 500")
             if key in ("transaction_id", "paystream_kind"):
@@ -93,7 +102,7 @@ async def create_transaction(request: Request) -> JSONResponse:
     access.backend(request)
     raw = await read_limited(request, 64 * 1024)
     key = request.headers.get("idempotency-key")
-    if key is not None and not 1 <= len(key) <= 255:
+    if key is not None and (not 1 <= len(key) <= 255 or "\x00" in key):
         raise ApiError(400, "bad_request", "Idempotency-Key must be 1 to 255 characters")
     status, body = await create(request.app.state, raw, key)
     return JSONResponse(body, status_code=status)

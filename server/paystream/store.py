@@ -208,8 +208,15 @@ async def touch_transaction(conn: asyncpg.Connection, txn_id: str, status_at: da
     )
 
 
+def plausible_id(any_id: str) -> bool:
+    """Could this be an id we store? (Postgres text holds no NUL; ids are short.)"""
+    return 0 < len(any_id) <= 255 and "\x00" not in any_id
+
+
 async def get_transaction(conn: asyncpg.Connection | asyncpg.Pool, any_id: str) -> asyncpg.Record | None:
     """By our txn_ id or by the linked Stripe object id."""
+    if not plausible_id(any_id):
+        return None
     column = "id" if any_id.startswith("txn_") else "stripe_id"
     return await conn.fetchrow(f"SELECT {TXN_COLUMNS} FROM transactions WHERE {column} = $1", any_id)
 

@@ -50,27 +50,49 @@ def check_envelope(event: Any) -> None:
     """Raise MalformedEvent unless `event` has the envelope every Stripe event has."""
     if not isinstance(event, dict):
         raise MalformedEvent("the body is not a JSON object")
-    if not isinstance(event.get("id"), str) or not event["id"].startswith("evt_"):
+    if not isinstance(event.get("id"), str) or not event["id"].startswith("evt_") or "\x00" in event["id"]:
         raise MalformedEvent("`id` must be a Stripe event id (evt_…)")
     if not isinstance(event.get("type"), str) or not event["type"]:
         raise MalformedEvent("`type` is missing")
-    if not isinstance(event.get("created"), int):
+    created = event.get("created")
+    if not isinstance(created, int) or isinstance(created, bool) or not 0 <= created < 2**40:
         raise MalformedEvent("`created` must be a Unix timestamp")
     data = event.get("data")
     if not isinstance(data, dict) or not isinstance(data.get("object"), dict):
         raise MalformedEvent("`data.object` is missing")
-    if not isinstance(data["object"].get("id"), str):
-        raise MalformedEvent("`data.object.id` is missing")
+    object_id = _str(data["object"].get("id"))
+    if not object_id or "\x00" in object_id or len(object_id) > 255:
+        raise MalformedEvent("`data.object.id` is missing or not an id")
 
 
 def event_time(event: dict[str, Any]) -> datetime:
     return datetime.fromtimestamp(event["created"], tz=UTC)
 
 
-def _error_of(obj: dict[str, Any] | None) -> dict[str, Any] | None:
-    if not obj:
+# Readers that take a field as Stripe documents it or not at all: a verified body is
+# still data, and odd data must not become a crash (a 500 instead of a precise answer).
+_MAX_AMOUNT = 2**63 - 1
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _amount(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_AMOUNT else 0
+
+
+def _currency(value: Any) -> str:
+    """ISO 4217, lower case as Stripe sends it; XXX ('no currency') for anything else."""
+    if isinstance(value, str) and len(value) == 3 and value.isascii() and value.isalpha():
+        return value.lower()
+    return "xxx"
+
+
+def _error_of(obj: Any) -> dict[str, Any] | None:
+    if not isinstance(obj, dict) or not obj:
         return None
-    err = {k: obj.get(k) for k in ("code", "decline_code", "message", "type") if obj.get(k)}
+    err = {k: obj[k] for k in ("code", "decline_code", "message", "type") if _str(obj.get(k))}
     return err or {"code": "payment_failed"}
 
 
@@ -78,25 +100,23 @@ def _id(value: Any) -> str | None:
     """Stripe expands some references into objects; accept both shapes."""
     if isinstance(value, dict):
         value = value.get("id")
-    return value if isinstance(value, str) and value else None
+    return _str(value)
 
 
 def _kind(obj: dict[str, Any], default: str) -> str:
     meta = obj.get("metadata") or {}
-    kind = meta.get("paystream_kind") if isinstance(meta, dict) else None
+    kind = _str(meta.get("paystream_kind")) if isinstance(meta, dict) else None
     return kind if kind in KINDS else default
 
 
 def _base(obj: dict[str, Any], stripe_id: str | None, change: Change | None, kind: str,
           links: tuple[str, ...] = ()) -> Effect:
     meta = obj.get("metadata")
-    amount = obj.get("amount", obj.get("amount_due", 0))
-    currency = obj.get("currency") or "usd"
     return Effect(
         stripe_id=stripe_id,
         change=change,
-        amount=amount if isinstance(amount, int) and amount >= 0 else 0,
-        currency=currency.lower() if isinstance(currency, str) else "usd",
+        amount=_amount(obj.get("amount", obj.get("amount_due", 0))),
+        currency=_currency(obj.get("currency")),
         customer_id=_id(obj.get("customer")),
         kind=_kind(obj, kind),
         metadata=dict(meta) if isinstance(meta, dict) else {},
@@ -120,7 +140,7 @@ def _payment_intent(event: dict[str, Any], obj: dict[str, Any], at: datetime) ->
         error = _error_of(obj.get("last_payment_error")) or {"code": "payment_failed"}
         change = Change("requires_payment_method", at, error)
     elif etype in _PI_STATUS_BY_TYPE:
-        status = _PI_STATUS_BY_TYPE[etype] or obj.get("status")
+        status = _PI_STATUS_BY_TYPE[etype] or _str(obj.get("status"))
         change = Change(status, at) if status in RANK else None
     else:  # partially_funded and friends: stored, linked, no status of ours
         change = None
@@ -141,10 +161,9 @@ def _charge(event: dict[str, Any], obj: dict[str, Any], at: datetime) -> Effect:
     elif etype == "charge.refunded" and captured:
         # An uncaptured charge "refunded" is Stripe releasing a canceled authorization:
         # not a refund of ours, so it moves nothing (the PI's canceled event does).
-        amount, refunded = obj.get("amount") or 0, obj.get("amount_refunded") or 0
-        full = obj.get("refunded") is True or (amount and refunded >= amount)
-        change = Change("refunded" if full else "partially_refunded", at,
-                        amount_refunded=refunded if isinstance(refunded, int) else None)
+        amount, refunded = _amount(obj.get("amount")), _amount(obj.get("amount_refunded"))
+        full = obj.get("refunded") is True or (amount > 0 and refunded >= amount)
+        change = Change("refunded" if full else "partially_refunded", at, amount_refunded=refunded)
     elif etype == "charge.refund.updated" and obj.get("status") == "failed":
         change = _refund_failure(obj, at)
     elif etype == "charge.expired":
@@ -158,8 +177,8 @@ def _charge(event: dict[str, Any], obj: dict[str, Any], at: datetime) -> Effect:
 
 
 def _refund_failure(refund: dict[str, Any], at: datetime) -> Change:
-    error = {"code": "refund_failed", "refund": refund.get("id"),
-             "failure_reason": refund.get("failure_reason")}
+    error = {"code": "refund_failed", "refund": _str(refund.get("id")),
+             "failure_reason": _str(refund.get("failure_reason"))}
     return Change("succeeded", at, refund_error=error)  # status is kept; see lifecycle.decide
 
 
@@ -196,8 +215,8 @@ def _invoice(event: dict[str, Any], obj: dict[str, Any], at: datetime) -> Effect
     elif etype == "invoice.voided":
         change = Change("canceled", at)
     effect = _base(obj, obj["id"], change, "invoice", links=_invoice_payment_intents(obj))
-    paid = obj.get("amount_paid") or obj.get("amount_due")
-    if isinstance(paid, int) and paid > 0:
+    paid = _amount(obj.get("amount_paid")) or _amount(obj.get("amount_due"))
+    if paid > 0:
         effect = replace(effect, amount=paid)
     return effect
 

@@ -24,10 +24,9 @@ def stripe_id(prefix: str) -> str:
 
 
 def sign(body: str | bytes, secret: str, timestamp: int | None = None) -> str:
-    if isinstance(body, bytes):
-        body = body.decode()
+    raw = body.encode() if isinstance(body, str) else body
     t = int(time.time()) if timestamp is None else timestamp
-    digest = hmac.new(secret.encode(), f"{t}.{body}".encode(), hashlib.sha256).hexdigest()
+    digest = hmac.new(secret.encode(), f"{t}.".encode() + raw, hashlib.sha256).hexdigest()
     return f"t={t},v1={digest}"
 
 

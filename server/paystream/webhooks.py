@@ -56,14 +56,15 @@ def verify(raw: bytes, signature: str | None, secrets: list[str], tolerance: int
         try:
             stripe.Webhook.construct_event(raw, signature, secret, tolerance=tolerance, api_key="unused")
             return
-        except stripe.SignatureVerificationError as exc:
+        except stripe.SignatureVerificationError as exc:  # every header problem lands here too
             stale = stale or "tolerance" in str(exc).lower()
-        except (ValueError, UnicodeDecodeError):
-            # The signature matched (construct_event parses only after verifying) but the
-            # body is not JSON.
+        except UnicodeDecodeError:
+            raise ApiError(400, "malformed_body", "the body is not UTF-8 text") from None
+        except Exception:  # noqa: BLE001
+            # Anything else comes after the signature matched: construct_event parses, then
+            # builds Stripe objects, and odd bodies fail there in many ways (atheris found a
+            # bare `9`, and a decimal field holding text): it is not a usable event.
             raise ApiError(400, "malformed_body", "the body is not a JSON Stripe event") from None
-        except (IndexError, TypeError):
-            break  # an unparseable header: no secret will do better
     if stale:
         raise ApiError(400, "stale_signature", "the signature's timestamp is outside the tolerance")
     raise ApiError(400, "invalid_signature", "no webhook secret verifies this signature")
@@ -77,7 +78,7 @@ async def handle(request: Request) -> JSONResponse:
     try:
         event = json.loads(raw)
         check_envelope(event)
-    except (ValueError, MalformedEvent) as exc:
+    except (ValueError, RecursionError, MalformedEvent) as exc:
         metrics.WEBHOOKS.labels("malformed").inc()
         raise ApiError(400, "malformed_body", str(exc) if isinstance(exc, MalformedEvent)
                        else "the body is not JSON") from None

@@ -97,6 +97,8 @@ BAD = {
                    "payload_too_large"),
     "not JSON": (lambda ps, body: _signed(ps, "this is not json"), "malformed_body"),
     "JSON but no event": (lambda ps, body: _signed(ps, json.dumps({"hello": "world"})), "malformed_body"),
+    "JSON but not an object": (lambda ps, body: _signed(ps, "9"), "malformed_body"),  # found by atheris
+    "nested too deep": (lambda ps, body: _signed(ps, "[" * 100000 + "]" * 100000), "malformed_body"),
     "no object id": (lambda ps, body: _signed(ps, json.dumps(
         {"id": "evt_x1", "type": "payment_intent.succeeded", "created": 1, "data": {"object": {}}})),
         "malformed_body"),
