@@ -19,6 +19,9 @@ MIGRATIONS_DIR = Path(
 # Any constant works; it only has to be the same in every paystream process, so that
 # workers starting together apply each migration once.
 _MIGRATION_LOCK = 7_400_001
+# Seconds to wait for a pooled connection: an exhausted pool answers 500 (Stripe retries)
+# rather than hold the request forever. Queries themselves time out at command_timeout.
+ACQUIRE_TIMEOUT = 5.0
 
 
 def start_embedded(data_dir: str | os.PathLike[str]) -> str:

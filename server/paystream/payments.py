@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from paystream import access, store, tokens, transitions
+from paystream.db import ACQUIRE_TIMEOUT
 from paystream.errors import ApiError
 from paystream.lifecycle import BEFORE_STRIPE, Change, stripe_now
 from paystream.stripe_api import Created, StripeApi, StripeFailure
@@ -116,7 +117,7 @@ async def create(state: State, raw: bytes, key: str | None) -> tuple[int, dict[s
     req = _parse(raw)
     pool: asyncpg.Pool = state.pool
 
-    async with pool.acquire() as conn, conn.transaction():
+    async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn, conn.transaction():
         earlier = await _claim_key(conn, key, hashlib.sha256(raw).hexdigest()) if key else None
         if earlier is not None and earlier["response"] is not None:
             return earlier["status_code"], earlier["response"]
@@ -145,7 +146,7 @@ async def create(state: State, raw: bytes, key: str | None) -> tuple[int, dict[s
             await _remember(pool, key, failure.status, body)  # final: the same answer again
         return failure.status, body
 
-    async with pool.acquire() as conn, conn.transaction():
+    async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn, conn.transaction():
         await transitions.lock_for_writing(conn, txn_id)
         await store.set_stripe_id(conn, txn_id, created.stripe_id)
         for linked in created.links:
@@ -171,7 +172,7 @@ async def _create_at_stripe(api: StripeApi, row: asyncpg.Record, req: CreateTran
 
 async def _record_failure(pool: asyncpg.Pool, txn_id: str, failure: StripeFailure) -> None:
     """The transaction shows what happened (pushed like any change)."""
-    async with pool.acquire() as conn, conn.transaction():
+    async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn, conn.transaction():
         row = await store.lock_by_id(conn, txn_id)
         if row is not None and row["stripe_id"] is None:
             await transitions.apply(

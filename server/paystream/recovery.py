@@ -14,6 +14,7 @@ from typing import Any
 import asyncpg
 
 from paystream import store, transitions
+from paystream.db import ACQUIRE_TIMEOUT
 from paystream.lifecycle import RANK, Change, stripe_now
 from paystream.stripe_api import StripeApi, StripeFailure
 
@@ -86,7 +87,7 @@ class Recovery:
 
     async def run_outbox(self, report: Report) -> Report:
         while True:
-            async with self.pool.acquire() as conn, conn.transaction():
+            async with self.pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn, conn.transaction():
                 job = await conn.fetchrow(
                     """UPDATE outbox SET attempts = attempts + 1
                         WHERE id = (SELECT id FROM outbox WHERE done_at IS NULL AND attempts < 20
@@ -116,7 +117,7 @@ class Recovery:
             pi = await self.api.retrieve_payment_intent(row["stripe_id"])  # already canceled, say
         cause = ("paystream.card_validation.released" if reason == "validation"
                  else "paystream.authorization.expired")
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self.pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn, conn.transaction():
             locked = await store.lock_by_id(conn, row["id"])
             change = change_from_payment_intent(pi, stripe_now())
             if change is not None:
@@ -147,7 +148,7 @@ class Recovery:
             change = change_from_payment_intent(pi, stripe_now())
             if change is None:
                 continue
-            async with self.pool.acquire() as conn, conn.transaction():
+            async with self.pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn, conn.transaction():
                 locked = await store.lock_by_id(conn, row["id"])
                 moved, _ = await transitions.apply(conn, locked, change, stripe_event_id=None,
                                                    cause_type="paystream.reconcile")

@@ -29,6 +29,7 @@ log = logging.getLogger("paystream.streams")
 
 # WebSocket close code for a subscriber cut off for not reading: resume with `after`.
 WS_CLOSE_SLOW_CONSUMER = 4008
+WS_SEND_TIMEOUT = 30.0
 
 
 async def open_subscription(
@@ -66,7 +67,7 @@ async def open_subscription(
 def _cursor(value: str | None, name: str) -> int | None:
     if value is None or value == "":
         return None
-    if not value.isdigit() or len(value) > 9:
+    if not (value.isascii() and value.isdigit()) or len(value) > 9:  # "²".isdigit() is true
         raise ApiError(400, "bad_request", f"{name} must be a whole number of at least 0")
     return int(value)
 
@@ -245,7 +246,12 @@ async def websocket(ws: WebSocket) -> None:
     async def send(message: dict[str, Any] | str) -> None:
         text = message if isinstance(message, str) else json.dumps(message, separators=(",", ":"))
         async with send_lock:
-            await ws.send_text(text)
+            try:
+                # A client that stops reading blocks the send: give up on it after a while.
+                await asyncio.wait_for(ws.send_text(text), WS_SEND_TIMEOUT)
+            except TimeoutError:
+                await ws.close(WS_CLOSE_SLOW_CONSUMER, "not reading; resubscribe with after")
+                raise WebSocketDisconnect(WS_CLOSE_SLOW_CONSUMER) from None
 
     async def pump(client_id: str, sub: Subscription) -> None:
         prefix = f'{{"op":"status","id":{json.dumps(client_id)},"seq":'

@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from paystream import metrics, store, transitions
+from paystream.db import ACQUIRE_TIMEOUT
 from paystream.errors import ApiError
 from paystream.stripe_events import MalformedEvent, check_envelope, is_supported
 
@@ -95,7 +96,7 @@ async def apply_event(pool: asyncpg.Pool, event: dict[str, Any], raw: str,
                       headers: dict[str, str]) -> str:
     """Store and apply one verified event; return its outcome. Commits before returning."""
     try:
-        async with pool.acquire() as conn, conn.transaction():
+        async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn, conn.transaction():
             stored = await store.record_stripe_event(conn, event, raw, headers)
             if stored["processed_at"] is not None or stored["outcome"] == "parked":
                 raise _Duplicate(stored["outcome"])
@@ -122,7 +123,7 @@ async def apply_event(pool: asyncpg.Pool, event: dict[str, Any], raw: str,
 
 async def _record_failure(pool: asyncpg.Pool, event: dict[str, Any], raw: str, headers: dict[str, str],
                           error: str) -> None:
-    async with pool.acquire() as conn, conn.transaction():
+    async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn, conn.transaction():
         stored = await store.record_stripe_event(conn, event, raw, headers)
         if stored["processed_at"] is None:
             await store.finish_stripe_event(conn, event["id"], outcome="failed", error=error[:2000],
@@ -131,7 +132,7 @@ async def _record_failure(pool: asyncpg.Pool, event: dict[str, Any], raw: str, h
 
 async def reprocess(pool: asyncpg.Pool, event_id: str) -> str:
     """Apply a stored, unprocessed event again (an operator's retry after a fix)."""
-    async with pool.acquire() as conn, conn.transaction():
+    async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn, conn.transaction():
         row = await conn.fetchrow("SELECT raw_body, processed_at FROM stripe_events WHERE id = $1 FOR UPDATE",
                                   event_id)
         if row is None:
