@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -62,6 +63,20 @@ async def open_subscription(
         if sub is not None:
             hub.unsubscribe(sub)
         raise
+
+
+async def open_stream(
+    request: Request, any_id: str, grant: Grant, after: int | None
+) -> tuple[asyncpg.Record, Subscription, Callable[[], None]]:
+    """A counted stream (429 past the limits) over open_subscription; call the returned
+    release() when the stream ends."""
+    release = request.app.state.limits.acquire(grant, access.credential(request), access.address(request))
+    try:
+        row, sub = await open_subscription(request, any_id, grant, after)
+    except BaseException:
+        release()
+        raise
+    return row, sub, release
 
 
 def _cursor(value: str | None, name: str) -> int | None:
@@ -117,12 +132,7 @@ async def sse(request: Request) -> EventSourceResponse:
     if after is None:
         after = _cursor(request.query_params.get("last_event_id"), "last_event_id")
     follow = _flag(request.query_params.get("follow"), "follow")
-    release = request.app.state.limits.acquire(grant, access.credential(request), access.address(request))
-    try:
-        row, sub = await open_subscription(request, any_id, grant, after)
-    except BaseException:
-        release()
-        raise
+    row, sub, release = await open_stream(request, any_id, grant, after)
     hub: Hub = request.app.state.hub
 
     async def events():  # noqa: ANN202
@@ -193,12 +203,7 @@ async def get_transaction(request: Request) -> JSONResponse:
     if not 0 <= timeout <= limit:
         raise ApiError(400, "bad_request", f"timeout must be between 0 and {limit:g} seconds")
 
-    release = request.app.state.limits.acquire(grant, access.credential(request), access.address(request))
-    try:
-        row, sub = await open_subscription(request, any_id, grant, None)
-    except BaseException:
-        release()
-        raise
+    row, sub, release = await open_stream(request, any_id, grant, None)
     hub: Hub = request.app.state.hub
     state = store.render(row)
     gone = asyncio.create_task(_client_gone(request))

@@ -121,15 +121,22 @@ async def _by_reference(conn: asyncpg.Connection, event: dict[str, Any], effect:
     return row
 
 
+async def apply_stored_event(conn: asyncpg.Connection, event: dict[str, Any]) -> tuple[str, str | None]:
+    """Route an event already in stripe_events and record its outcome there."""
+    outcome, txn_id = await route_event(conn, event)
+    parked = outcome == "parked"  # txn_id names a row not written yet: no link
+    await store.finish_stripe_event(conn, event["id"], outcome=outcome,
+                                    transaction_id=None if parked else txn_id, processed=not parked)
+    return outcome, txn_id
+
+
 async def unpark(conn: asyncpg.Connection, txn_id: str) -> int:
     """Apply, in the caller's database transaction, every event parked for txn_id."""
     parked = await conn.fetch(
         """SELECT s.id, s.raw_body FROM parked_events p JOIN stripe_events s ON s.id = p.stripe_event_id
             WHERE p.transaction_id = $1 ORDER BY s.created, s.received_at FOR UPDATE OF p""", txn_id)
     for record in parked:
-        event = json.loads(record["raw_body"])
-        outcome, routed = await route_event(conn, event)
-        await store.finish_stripe_event(conn, record["id"], outcome=outcome, transaction_id=routed)
         await conn.execute("DELETE FROM parked_events WHERE stripe_event_id = $1", record["id"])
+        await apply_stored_event(conn, json.loads(record["raw_body"]))
         log.info("applied parked event", extra={"stripe_event_id": record["id"], "transaction_id": txn_id})
     return len(parked)

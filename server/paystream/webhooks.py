@@ -104,7 +104,7 @@ async def apply_event(pool: asyncpg.Pool, event: dict[str, Any], raw: str,
                 await store.finish_stripe_event(conn, event["id"], outcome="unsupported",
                                                 error="unsupported event type", processed=False)
                 return "unsupported"
-            outcome, txn_id = await _route_and_finish(conn, event)
+            outcome, txn_id = await transitions.apply_stored_event(conn, event)
     except _Duplicate:
         log.info("duplicate delivery", extra={"stripe_event_id": event["id"]})
         return "duplicate"
@@ -142,13 +142,5 @@ async def reprocess(pool: asyncpg.Pool, event_id: str) -> str:
         event = json.loads(row["raw_body"])
         if not is_supported(event["type"]):
             return "unsupported"
-        outcome, _ = await _route_and_finish(conn, event)
+        outcome, _ = await transitions.apply_stored_event(conn, event)
     return outcome
-
-
-async def _route_and_finish(conn: asyncpg.Connection, event: dict[str, Any]) -> tuple[str, str | None]:
-    outcome, txn_id = await transitions.route_event(conn, event)
-    parked = outcome == "parked"  # txn_id names a row not written yet: no link
-    await store.finish_stripe_event(conn, event["id"], outcome=outcome,
-                                    transaction_id=None if parked else txn_id, processed=not parked)
-    return outcome, txn_id
