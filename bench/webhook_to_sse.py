@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -23,32 +21,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from clients import SSEStream, WebhookSender  # noqa: E402
+from common import machine, summary  # noqa: E402
 
 from paystream import tokens, trigger  # noqa: E402
 from paystream.harness import FreshDatabase, Server  # noqa: E402
-
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    k = max(0, min(len(ordered) - 1, round(p / 100 * len(ordered) + 0.5) - 1))
-    return ordered[k]
-
-
-def summary(values_ms: list[float]) -> dict[str, float]:
-    return {f"p{p}": round(percentile(values_ms, p), 3) for p in (50, 90, 99)} | {
-        "max": round(max(values_ms), 3), "mean": round(sum(values_ms) / len(values_ms), 3)}
-
-
-def machine() -> dict[str, object]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpus": os.cpu_count(), "cpu": cpu, "python": platform.python_version()}
 
 
 async def run(server: Server, events: int, concurrency: int) -> dict[str, object]:

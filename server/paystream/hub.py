@@ -39,6 +39,15 @@ def _updated_at(data: str) -> float | None:
         return None
 
 
+# What Subscription.get returns when its idle time passes with nothing to hand over.
+IDLE: Item = (0, "", "")
+
+
+def _expire(waiter: asyncio.Future[Item | None]) -> None:
+    if not waiter.done():
+        waiter.set_result(IDLE)
+
+
 class Subscription:
     """One stream's interest in one transaction, with a bounded queue of log rows."""
 
@@ -54,7 +63,7 @@ class Subscription:
         self.closed = False
         self.reason: str | None = None
         self._items: deque[Item] = deque()
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiter: asyncio.Future[Item | None] | None = None
         self._limit = limit
         self._bytes = 0
         self._byte_limit = byte_limit
@@ -85,16 +94,24 @@ class Subscription:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def get(self) -> Item | None:
-        """The next row, or None once closed and drained."""
+    async def get(self, idle: float | None = None) -> Item | None:
+        """The next row; None once closed and drained; IDLE after `idle` seconds without one.
+
+        The idle timer is a loop callback, not a task: a stream's keep-alive ping costs no
+        object while it waits (10,000 waiting streams are 10,000 fewer tasks)."""
         while not self._items:
             if self.closed:
                 return None
-            self._waiter = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            waiter = self._waiter = loop.create_future()
+            timer = loop.call_later(idle, _expire, waiter) if idle else None
             try:
-                await self._waiter
+                if await waiter is IDLE:
+                    return IDLE
             finally:
                 self._waiter = None
+                if timer is not None:
+                    timer.cancel()
         item = self._items.popleft()
         self._bytes -= len(item[2])
         return item

@@ -15,14 +15,14 @@ from collections.abc import Callable
 from typing import Any
 
 import asyncpg
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import EventSourceResponse
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from paystream import access, metrics, store
 from paystream.errors import ApiError
-from paystream.hub import Hub, Subscription
+from paystream.hub import IDLE, Hub, Subscription
 from paystream.lifecycle import FINAL, RANK
 from paystream.tokens import Grant
 
@@ -134,6 +134,7 @@ async def sse(request: Request) -> EventSourceResponse:
     follow = _flag(request.query_params.get("follow"), "follow")
     row, sub, release = await open_stream(request, any_id, grant, after)
     hub: Hub = request.app.state.hub
+    ping = request.app.state.settings.sse_ping_seconds
 
     async def events():  # noqa: ANN202
         metrics.CONNECTIONS.labels("sse").inc()
@@ -145,7 +146,10 @@ async def sse(request: Request) -> EventSourceResponse:
                     return
             elif after >= row["seq"] and row["status"] in FINAL and not follow:
                 return  # the client has seen the end already
-            while (item := await sub.get()) is not None:
+            while (item := await sub.get(idle=ping)) is not None:
+                if item is IDLE:
+                    yield b": ping\n\n"  # the keep-alive comment, at least every PAYSTREAM_SSE_PING s
+                    continue
                 seq, status, data = item
                 yield _sse(seq, "status", data)
                 if status in FINAL and not follow:
@@ -156,12 +160,10 @@ async def sse(request: Request) -> EventSourceResponse:
             release()
             metrics.CONNECTIONS.labels("sse").dec()
 
-    settings = request.app.state.settings
     return EventSourceResponse(
         events(),
-        ping=settings.sse_ping_seconds,
+        ping=0,  # pings come from the generator's idle timer: one task fewer per stream
         sep="\n",
-        ping_message_factory=lambda: ServerSentEvent(comment="ping", sep="\n"),
         send_timeout=30,
         shutdown_event=_EndOnShutdown(sub),  # type: ignore[arg-type]
         shutdown_grace_period=2,

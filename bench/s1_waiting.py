@@ -1,0 +1,204 @@
+"""S1, waiting browsers: N concurrent SSE (or WebSocket) subscribers on distinct
+transactions, then signed webhooks at a fixed rate moving each to `succeeded`.
+
+Prints one JSON line: webhook-ack and webhook-sent → subscriber-received latency
+(p50/p90/p99/max), server RSS per idle connection, server CPU while idle and while
+pushing, database queries per second while the subscribers wait, and whether any event
+was lost or duplicated.  The client runs in this process, the server in another (the
+open-file limit here is 20,000 per process).
+
+    .venv/bin/python bench/s1_waiting.py [--subscribers 10000] [--rate 200] [--transport sse|ws] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+
+import asyncpg
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from clients import SSEStream, WebhookSender  # noqa: E402
+from common import machine, summary  # noqa: E402
+
+from paystream import store, tokens, trigger  # noqa: E402
+from paystream.harness import FreshDatabase, Server  # noqa: E402
+
+
+async def seed(database_url: str, n: int) -> list[str]:
+    """N transactions in `processing`, written straight to the database (set-up, not measured)."""
+    conn = await asyncpg.connect(database_url)
+    await store.init_connection(conn)
+    pis = [trigger.stripe_id("pi_") for _ in range(n)]
+    async with conn.transaction():
+        rows = []
+        for pi in pis:
+            row = await store.insert_transaction(conn, stripe_id=pi, kind="payment", status="processing",
+                                                 amount=1500, currency="usd", customer_id=None, metadata={})
+            rows.append(row)
+        for row in rows:
+            await store.append_event(conn, row, previous_status=None, stripe_event_id=None, event_type="bench")
+    await conn.close()
+    return pis
+
+
+async def db_queries(database_url: str) -> int:
+    conn = await asyncpg.connect(database_url)
+    try:
+        return await conn.fetchval("SELECT xact_commit + xact_rollback FROM pg_stat_database"
+                                   " WHERE datname = current_database()")
+    finally:
+        await conn.close()
+
+
+class WsClient:
+    """One WebSocket per subscriber (as one browser tab each)."""
+
+    def __init__(self, ws: object) -> None:
+        self.ws = ws
+
+    @classmethod
+    async def open(cls, port: int, pi: str, token: str) -> WsClient:
+        import websockets
+
+        ws = await websockets.connect(f"ws://127.0.0.1:{port}/v1/ws?token={token}", ping_interval=None,
+                                      max_queue=16)
+        await ws.send(json.dumps({"op": "subscribe", "id": pi}))
+        return cls(ws)
+
+    async def next_event(self) -> tuple[int, str] | None:
+        msg = json.loads(await self.ws.recv())
+        return msg["seq"], msg["data"]["status"]
+
+    def close(self) -> None:
+        asyncio.ensure_future(self.ws.close())
+
+
+async def run(server: Server, database_url: str, n: int, rate: float, transport: str) -> dict[str, object]:
+    proc = psutil.Process(server.proc.pid)
+    pis = await seed(database_url, n)
+    rss_before = proc.memory_info().rss
+
+    # Open every subscriber and read its snapshot.
+    clients: dict[str, object] = {}
+    sem = asyncio.Semaphore(200)
+    t_open = time.perf_counter()
+
+    async def open_one(pi: str) -> None:
+        token = tokens.mint(server.token_secret, txn=[pi], ttl_seconds=3600)[0]
+        async with sem:
+            if transport == "sse":
+                client = await SSEStream.open("127.0.0.1", server.port, f"/v1/transactions/{pi}/events?token={token}")
+                snap = await client.next_event()
+                assert snap is not None and snap.event == "snapshot"
+            else:
+                client = await WsClient.open(server.port, pi, token)
+                assert (await client.next_event())[0] == 1
+        clients[pi] = client
+
+    await asyncio.gather(*(open_one(pi) for pi in pis))
+    open_seconds = time.perf_counter() - t_open
+    await asyncio.sleep(2)  # let the server settle before measuring idle cost (not a synchronisation)
+    rss_open = proc.memory_info().rss
+    cpu0, q0, t0 = proc.cpu_times(), await db_queries(database_url), time.perf_counter()
+    await asyncio.sleep(5)  # an idle window: what do N waiting browsers cost? (a measurement, not a wait)
+    cpu1, q1, t1 = proc.cpu_times(), await db_queries(database_url), time.perf_counter()
+    idle_cpu = ((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)) / (t1 - t0)
+    idle_qps = (q1 - q0 - 2) / (t1 - t0)  # minus our own two counter reads
+
+    # Receivers: each stamps its event on arrival.
+    received: dict[str, float] = {}
+    bad: list[str] = []
+
+    async def receive(pi: str) -> None:
+        client = clients[pi]
+        if transport == "sse":
+            ev = await client.next_event()
+            got = (ev.id, json.loads(ev.data)["status"]) if ev else None
+        else:
+            got = await client.next_event()
+        received[pi] = time.perf_counter()
+        if got != (2, "succeeded"):
+            bad.append(pi)
+        if transport == "sse" and await client.next_event() is not None:
+            bad.append(pi)  # anything after the final status would be a duplicate
+
+    receivers = [asyncio.create_task(receive(pi)) for pi in pis]
+
+    # Webhooks at `rate` per second from a few keep-alive connections.
+    senders = [WebhookSender("127.0.0.1", server.port, server.webhook_secret) for _ in range(8)]
+    sent: dict[str, float] = {}
+    acks: list[float] = []
+    cpu2, t2 = proc.cpu_times(), time.perf_counter()
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    for pi in pis:
+        queue.put_nowait(pi)
+
+    async def send_lane(sender: WebhookSender) -> None:
+        while not queue.empty():
+            pi = queue.get_nowait()
+            due = t2 + (n - queue.qsize() - 1) / rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)  # pacing the load, not synchronising
+            event = trigger.build("payment_intent.succeeded", pi)
+            sent[pi] = time.perf_counter()
+            status, _ = await sender.send(event)
+            acks.append((time.perf_counter() - sent[pi]) * 1000)
+            assert status == 200
+
+    await asyncio.gather(*(send_lane(s) for s in senders))
+    await asyncio.wait_for(asyncio.gather(*receivers), 120)
+    cpu3, t3 = proc.cpu_times(), time.perf_counter()
+    for s in senders:
+        s.close()
+    for c in clients.values():
+        c.close()
+    push = [(received[pi] - sent[pi]) * 1000 for pi in pis if pi in received and pi in sent]
+    return {
+        "subscribers": n, "transport": transport, "webhook_rate_per_s": rate,
+        "open_seconds": round(open_seconds, 2),
+        "webhook_ack_ms": summary(acks),
+        "webhook_sent_to_subscriber_received_ms": summary(push),
+        "server_rss_mb": {"before": round(rss_before / 2**20, 1), "with_subscribers": round(rss_open / 2**20, 1)},
+        "server_rss_kb_per_idle_connection": round((rss_open - rss_before) / n / 1024, 2),
+        "server_cpu_idle_cores": round(idle_cpu, 3),
+        "server_cpu_while_pushing_cores": round(((cpu3.user + cpu3.system) - (cpu2.user + cpu2.system)) / (t3 - t2), 3),
+        "db_queries_per_s_while_waiting": round(max(idle_qps, 0), 2),
+        "lost": n - len(received), "wrong_or_duplicated": len(bad),
+        "no_loss_no_duplicates": len(received) == n and not bad,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--subscribers", type=int, default=10000)
+    parser.add_argument("--rate", type=float, default=200)
+    parser.add_argument("--transport", choices=["sse", "ws"], default="sse")
+    parser.add_argument("--pg", choices=["system", "embedded"], default="system")
+    parser.add_argument("--quick", action="store_true", help="1,000 subscribers")
+    args = parser.parse_args()
+    n = 1000 if args.quick else args.subscribers
+    database = FreshDatabase(args.pg)
+    # The server's pool and queues as shipped; only the limits a single test client trips are raised.
+    server = Server(database.url, {"PAYSTREAM_MAX_STREAMS_PER_ADDRESS": str(n + 100)}).start()
+    try:
+        import uvloop
+
+        uvloop.install()
+        result = asyncio.run(run(server, database.url, n, args.rate, args.transport))
+    finally:
+        server.stop()
+        database.drop()
+    print(json.dumps({"bench": "s1_waiting", **result, "machine": machine()}))
+    return 0 if result["no_loss_no_duplicates"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
