@@ -5,6 +5,7 @@ amount_capturable_updated, canceled, refunds, disputes) are built and signed as
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -178,3 +179,50 @@ async def test_a_stripe_refusal_is_a_clear_error_and_is_recorded(ps: Paystream) 
     assert error["code"] == "stripe_invalid_request"
     txn = (await ps.get(error["transaction_id"])).json()
     assert txn["status"] == "requires_payment_method" and txn["last_error"]["code"] == "stripe_invalid_request"
+
+
+async def test_manual_capture_then_capture_succeeds(ps: Paystream, stripe_js: StripeJs) -> None:
+    created = await create(ps, kind="payment", amount=8000, currency="usd", capture_method="manual")
+    txn_id = created["transaction"]["id"]
+    pi = (await ps.get(txn_id)).json()["stripe_id"]
+    async with ps.sse(txn_id, token=created["stream_token"]) as stream:
+        await stream.event()
+        assert (await stripe_js.pay(pi, VISA)).json()["status"] == "requires_capture"
+        await ps.deliver(ps.event("payment_intent.amount_capturable_updated", pi, amount=8000,
+                                  metadata={"transaction_id": txn_id}))
+        held = await statuses_until(stream, "requires_capture")
+        assert held[-1]["validated"] is False  # a payment, not a card validation: no release
+        assert (await stripe_js.http.post(f"/v1/payment_intents/{pi}/capture")).status_code == 200
+        assert (await statuses_until(stream, "succeeded"))[-1]["cause"]["type"] == "payment_intent.succeeded"
+
+
+async def test_a_wallet_top_up_pushes_the_new_balance_to_a_customer_stream(
+        ps: Paystream, stripe_js: StripeJs) -> None:
+    customer = await stripe_js.customer()
+    created = await create(ps, kind="wallet_top_up", amount=2500, currency="usd", customer_id=customer)
+    txn_id = created["transaction"]["id"]
+    pi = (await ps.get(txn_id)).json()["stripe_id"]
+    async with ps.sse(txn_id, token=ps.token(cus=customer)) as stream:
+        await stream.event()
+        await stripe_js.pay(pi, VISA)
+        done = (await statuses_until(stream, "succeeded"))[-1]
+    assert done["balance"] == {"customer_id": customer, "amount": 2500, "currency": "usd"}
+
+
+async def test_stripe_unreachable_is_a_502_and_recorded(database_url: str) -> None:
+    from paystream.harness import free_port
+    from tests.conftest import Server
+
+    server = await asyncio.to_thread(
+        Server(database_url, {"STRIPE_API_BASE": f"http://127.0.0.1:{free_port()}"}).start)
+    try:
+        async with Paystream(server) as ps:
+            resp = await ps.http.post("/v1/transactions", headers=ps.backend,
+                                      json={"kind": "payment", "amount": 700, "currency": "usd"})
+            assert resp.status_code == 502, resp.text
+            error = resp.json()["error"]
+            assert error["code"] == "stripe_unavailable"
+            txn = (await ps.get(error["transaction_id"])).json()
+            assert txn["last_error"]["code"] == "stripe_unavailable" and txn["stripe_id"] is None
+    finally:
+        server.stop()
