@@ -118,3 +118,24 @@ class WebhookSender:
     def close(self) -> None:
         if self._conn is not None:
             self._conn[1].close()
+
+
+class HttpGetter:
+    """A keep-alive connection that GETs JSON (a polling browser, a long-polling one)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self._conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def get(self, path: str) -> tuple[int, dict[str, Any]]:
+        if self._conn is None:
+            self._conn = await asyncio.open_connection(self.host, self.port)
+        reader, writer = self._conn
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n\r\n".encode())
+        status, headers = await _read_head(reader)
+        payload = await reader.readexactly(int(headers.get("content-length", "0")))
+        return status, json.loads(payload or b"{}")
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn[1].close()

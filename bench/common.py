@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -30,3 +33,9 @@ def machine() -> dict[str, object]:
     except OSError:
         pass
     return {"cpus": os.cpu_count(), "cpu": cpu, "python": platform.python_version()}
+
+
+def save(name: str, line: dict[str, object], samples_ms: list[float] | None = None) -> None:
+    """bench/results/NAME.json: the printed line plus raw latency samples, for report.py."""
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps({**line, "samples_ms": samples_ms or []}))

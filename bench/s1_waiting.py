@@ -25,7 +25,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from clients import SSEStream, WebhookSender  # noqa: E402
-from common import machine, summary  # noqa: E402
+from common import machine, save, summary  # noqa: E402
 
 from paystream import store, tokens, trigger  # noqa: E402
 from paystream.harness import FreshDatabase, Server  # noqa: E402
@@ -173,6 +173,7 @@ async def run(server: Server, database_url: str, n: int, rate: float, transport:
         "db_queries_per_s_while_waiting": round(max(idle_qps, 0), 2),
         "lost": n - len(received), "wrong_or_duplicated": len(bad),
         "no_loss_no_duplicates": len(received) == n and not bad,
+        "samples_ms": push,
     }
 
 
@@ -196,7 +197,10 @@ def main() -> int:
     finally:
         server.stop()
         database.drop()
-    print(json.dumps({"bench": "s1_waiting", **result, "machine": machine()}))
+    samples = result.pop("samples_ms")
+    line = {"bench": "s1_waiting", **result, "machine": machine()}
+    print(json.dumps(line))
+    save(f"s1_waiting_{args.transport}", line, samples)
     return 0 if result["no_loss_no_duplicates"] else 1
 
 

@@ -1,0 +1,106 @@
+"""Turn bench/results/*.json (written by each scenario) into bench/report/REPORT.md and
+bench/report/latency_cdf.png (latency CDFs: push next to polling).
+
+    .venv/bin/python bench/report.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS, OUT = HERE / "results", HERE / "report"
+
+
+def load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def row(*cells: object) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def lat(d: dict, key: str) -> list[str]:
+    s = d.get(key) or {}
+    return [f"{s.get(p, '–')} ms" for p in ("p50", "p90", "p99", "max")]
+
+
+def main() -> int:
+    OUT.mkdir(exist_ok=True)
+    lines = ["# paystream benchmarks", "", "Made by `bench/report.py` from the last run of each scenario.", ""]
+    any_result = next(iter(sorted(RESULTS.glob("*.json"))), None)
+    if any_result is None:
+        print("no results: run the scenarios first", file=sys.stderr)
+        return 1
+    m = json.loads(any_result.read_text()).get("machine", {})
+    lines += [f"Machine: {m.get('cpus')} × {m.get('cpu')}, Python {m.get('python')}, PostgreSQL 15 (system), "
+              "client and server on the same host.", ""]
+    s1s = [d for t in ("sse", "ws") if (d := load(f"s1_waiting_{t}"))]
+    if s1s:
+        lines += ["## S1 waiting browsers", "",
+                  row("subscribers", "transport", "push p50", "p90", "p99", "max", "ack p50", "RSS/idle conn",
+                      "server CPU idle", "DB q/s waiting", "lost/dup"),
+                  row(*["---"] * 11)]
+        for s1 in s1s:
+            lines.append(row(s1["subscribers"], s1["transport"], *lat(s1, "webhook_sent_to_subscriber_received_ms"),
+                             f"{s1['webhook_ack_ms']['p50']} ms", f"{s1['server_rss_kb_per_idle_connection']} KB",
+                             f"{s1['server_cpu_idle_cores']} cores", s1["db_queries_per_s_while_waiting"],
+                             f"{s1['lost']}/{s1['wrong_or_duplicated']}"))
+        lines.append("")
+    if s2 := load("s2_fanout"):
+        lines += ["## S2 fan-out", "", row("subscribers", "events", "p50", "p90", "p99", "max", "once, in order"),
+                  row(*["---"] * 7),
+                  row(s2["subscribers"], s2["events"], *lat(s2, "webhook_sent_to_subscriber_received_ms"),
+                      s2["every_event_once_in_order"]), ""]
+    storms = [d for w in (1, 2) if (d := load(f"s3_storm_{w}w"))]
+    if storms:
+        lines += ["## S3 webhook storm", "", row("workers", "sustained webhooks/s", "raw Postgres commits/s (1/8/32 writers)",
+                                                "share of raw ceiling"), row(*["---"] * 4)]
+        for d in storms:
+            raw = d["raw_postgres_commits_per_s"]
+            lines.append(row(d["workers"], d["sustained_webhooks_per_s"], " / ".join(str(v) for v in raw.values()),
+                             d["share_of_raw_ceiling"]))
+        lines.append("")
+    modes = [("paystream_sse", "paystream push (SSE)"), ("server_reread_500ms", "server long-poll re-reading every 500 ms"),
+             ("browser_poll_2s", "browser polling every 2 s")]
+    s4 = {k: d for k, _ in modes if (d := load(f"s4_{k}"))}
+    if s4:
+        lines += ["## S4 push against polling", "", row("design", "clients", "p50", "p90", "p99", "max",
+                                                        "DB transactions/s while waiting"), row(*["---"] * 7)]
+        for key, label in modes:
+            if key in s4:
+                d = s4[key]
+                lines.append(row(label, d["clients"], *lat(d, "latency_ms"), d["db_xact_per_s_while_waiting"]))
+        lines.append("")
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+
+            fig, ax = plt.subplots(figsize=(8, 4.5))
+            for key, label in modes:
+                samples = sorted(s4.get(key, {}).get("samples_ms", []))
+                if samples:
+                    ax.plot(samples, [(i + 1) / len(samples) for i in range(len(samples))], label=label)
+            ax.set_xscale("log")
+            ax.set_xlabel("webhook sent → browser knows (ms, log scale)")
+            ax.set_ylabel("fraction of browsers")
+            ax.set_title("Latency CDF: push against polling")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(loc="lower right")
+            fig.tight_layout()
+            fig.savefig(OUT / "latency_cdf.png", dpi=110)
+            lines += ["![latency CDF](latency_cdf.png)", ""]
+        except ImportError:
+            lines += ["(install matplotlib for the chart)", ""]
+    (OUT / "REPORT.md").write_text("\n".join(lines))
+    print(OUT / "REPORT.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
