@@ -94,44 +94,18 @@ class SSEStream:
         self.writer.close()
 
 
-class WebhookSender:
-    """A keep-alive connection that POSTs signed Stripe events, one at a time."""
-
-    def __init__(self, host: str, port: int, secret: str) -> None:
-        self.host, self.port, self.secret = host, port, secret
-        self._conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
-
-    async def send(self, event: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        body = json.dumps(event).encode()
-        sig = trigger.sign(body, self.secret)
-        request = (f"POST /v1/stripe/webhook HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
-                   f"Content-Type: application/json\r\nStripe-Signature: {sig}\r\n"
-                   f"Content-Length: {len(body)}\r\n\r\n").encode() + body
-        if self._conn is None:
-            self._conn = await asyncio.open_connection(self.host, self.port)
-        reader, writer = self._conn
-        writer.write(request)
-        status, headers = await _read_head(reader)
-        payload = await reader.readexactly(int(headers.get("content-length", "0")))
-        return status, json.loads(payload or b"{}")
-
-    def close(self) -> None:
-        if self._conn is not None:
-            self._conn[1].close()
-
-
-class HttpGetter:
-    """A keep-alive connection that GETs JSON (a polling browser, a long-polling one)."""
+class _KeepAlive:
+    """One persistent HTTP/1.1 connection, one request at a time, JSON answers."""
 
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
         self._conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
 
-    async def get(self, path: str) -> tuple[int, dict[str, Any]]:
+    async def _request(self, head: str, body: bytes = b"") -> tuple[int, dict[str, Any]]:
         if self._conn is None:
             self._conn = await asyncio.open_connection(self.host, self.port)
         reader, writer = self._conn
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n\r\n".encode())
+        writer.write(f"{head}Host: {self.host}:{self.port}\r\n\r\n".encode() + body)
         status, headers = await _read_head(reader)
         payload = await reader.readexactly(int(headers.get("content-length", "0")))
         return status, json.loads(payload or b"{}")
@@ -139,3 +113,24 @@ class HttpGetter:
     def close(self) -> None:
         if self._conn is not None:
             self._conn[1].close()
+
+
+class WebhookSender(_KeepAlive):
+    """POSTs signed Stripe events over a keep-alive connection."""
+
+    def __init__(self, host: str, port: int, secret: str) -> None:
+        super().__init__(host, port)
+        self.secret = secret
+
+    async def send(self, event: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        body = json.dumps(event).encode()
+        return await self._request(
+            f"POST /v1/stripe/webhook HTTP/1.1\r\nContent-Type: application/json\r\n"
+            f"Stripe-Signature: {trigger.sign(body, self.secret)}\r\nContent-Length: {len(body)}\r\n", body)
+
+
+class HttpGetter(_KeepAlive):
+    """GETs JSON over a keep-alive connection (a polling browser, a long-polling one)."""
+
+    async def get(self, path: str) -> tuple[int, dict[str, Any]]:
+        return await self._request(f"GET {path} HTTP/1.1\r\n")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+from collections.abc import Iterator
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -39,3 +41,23 @@ def save(name: str, line: dict[str, object], samples_ms: list[float] | None = No
     """bench/results/NAME.json: the printed line plus raw latency samples, for report.py."""
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps({**line, "samples_ms": samples_ms or []}))
+
+
+@contextlib.contextmanager
+def paystream(clients: int = 0, pg: str = "system", **env: str) -> Iterator[tuple[object, object]]:
+    """A fresh database and `paystream serve` for one scenario, with uvloop for the client
+    side; removed afterwards. `clients` raises the per-address stream limit above it."""
+    import uvloop
+
+    from paystream.harness import FreshDatabase, Server
+
+    database = FreshDatabase(pg)
+    if clients:
+        env = {"PAYSTREAM_MAX_STREAMS_PER_ADDRESS": str(clients + 100), **env}
+    server = Server(database.url, env).start()
+    uvloop.install()
+    try:
+        yield server, database
+    finally:
+        server.stop()
+        database.drop()

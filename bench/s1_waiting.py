@@ -25,10 +25,10 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from clients import SSEStream, WebhookSender  # noqa: E402
-from common import machine, save, summary  # noqa: E402
+from common import machine, paystream, save, summary  # noqa: E402
 
 from paystream import store, tokens, trigger  # noqa: E402
-from paystream.harness import FreshDatabase, Server  # noqa: E402
+from paystream.harness import Server  # noqa: E402
 
 
 async def seed(database_url: str, n: int) -> list[str]:
@@ -186,17 +186,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="1,000 subscribers")
     args = parser.parse_args()
     n = 1000 if args.quick else args.subscribers
-    database = FreshDatabase(args.pg)
-    # The server's pool and queues as shipped; only the limits a single test client trips are raised.
-    server = Server(database.url, {"PAYSTREAM_MAX_STREAMS_PER_ADDRESS": str(n + 100)}).start()
-    try:
-        import uvloop
-
-        uvloop.install()
+    # The server as shipped; only the per-address limit one test client trips is raised.
+    with paystream(clients=n, pg=args.pg) as (server, database):
         result = asyncio.run(run(server, database.url, n, args.rate, args.transport))
-    finally:
-        server.stop()
-        database.drop()
     samples = result.pop("samples_ms")
     line = {"bench": "s1_waiting", **result, "machine": machine()}
     print(json.dumps(line))

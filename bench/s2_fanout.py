@@ -19,11 +19,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from clients import SSEStream, WebhookSender  # noqa: E402
-from common import machine, save, summary  # noqa: E402
+from common import machine, paystream, save, summary  # noqa: E402
 from s1_waiting import seed  # noqa: E402
 
 from paystream import tokens, trigger  # noqa: E402
-from paystream.harness import FreshDatabase, Server  # noqa: E402
+from paystream.harness import Server  # noqa: E402
 
 
 async def run(server: Server, database_url: str, n: int, events: int) -> dict[str, object]:
@@ -80,16 +80,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="200 subscribers, 10 events")
     args = parser.parse_args()
     n, events = (200, 10) if args.quick else (args.subscribers, args.events)
-    database = FreshDatabase("system")
-    server = Server(database.url, {"PAYSTREAM_MAX_STREAMS_PER_ADDRESS": str(n + 100)}).start()
-    try:
-        import uvloop
-
-        uvloop.install()
+    with paystream(clients=n) as (server, database):
         result = asyncio.run(run(server, database.url, n, events))
-    finally:
-        server.stop()
-        database.drop()
     samples = result.pop("samples_ms")
     line = {"bench": "s2_fanout", **result, "machine": machine()}
     print(json.dumps(line))

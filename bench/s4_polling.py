@@ -23,12 +23,12 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from clients import HttpGetter, WebhookSender  # noqa: E402
-from common import machine, save, summary  # noqa: E402
+from common import machine, paystream, save, summary  # noqa: E402
 from s1_waiting import db_queries, seed  # noqa: E402
 from s1_waiting import run as run_push
 
 from paystream import tokens, trigger  # noqa: E402
-from paystream.harness import FreshDatabase, Server, free_port  # noqa: E402
+from paystream.harness import Server, free_port  # noqa: E402
 
 IDLE_WINDOW = 5.0
 
@@ -99,40 +99,35 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="200 clients")
     args = parser.parse_args()
     n = 200 if args.quick else args.clients
-    database = FreshDatabase("system")
-    server = Server(database.url, {"PAYSTREAM_MAX_STREAMS_PER_ADDRESS": str(n + 100)}).start()
-    port = free_port()
-    baseline = subprocess.Popen([sys.executable, str(Path(__file__).with_name("baseline_server.py")), str(port)],
-                                env={**os.environ, "DATABASE_URL": database.url})
     results: dict[str, dict[str, object]] = {}
-    try:
-        for _ in range(100):
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/poll/none?since=x", timeout=1)
-                break
-            except httpx.HTTPError:
-                time.sleep(0.1)  # another process's start-up
-        else:
-            raise RuntimeError("the baseline server did not start")
-        import uvloop
+    with paystream(clients=n) as (server, database):
+        port = free_port()
+        baseline = subprocess.Popen([sys.executable, str(Path(__file__).with_name("baseline_server.py")), str(port)],
+                                    env={**os.environ, "DATABASE_URL": database.url})
+        try:
+            for _ in range(100):
+                try:
+                    httpx.get(f"http://127.0.0.1:{port}/poll/none?since=x", timeout=1)
+                    break
+                except httpx.HTTPError:
+                    time.sleep(0.1)  # another process's start-up
+            else:
+                raise RuntimeError("the baseline server did not start")
 
-        uvloop.install()
+            async def all_modes() -> None:
+                pis = await seed(database.url, n)
+                results["browser_poll_2s"] = await drive(server, database.url, pis, args.rate, browser_polling(server))
+                pis = await seed(database.url, n)
+                results["server_reread_500ms"] = await drive(server, database.url, pis, args.rate,
+                                                             server_long_poll(port))
+                push = await run_push(server, database.url, n, args.rate, "sse")
+                results["paystream_sse"] = {"latency_ms": push["webhook_sent_to_subscriber_received_ms"],
+                                            "db_xact_per_s_while_waiting": push["db_queries_per_s_while_waiting"],
+                                            "lost": push["lost"], "samples_ms": push["samples_ms"]}
 
-        async def all_modes() -> None:
-            pis = await seed(database.url, n)
-            results["browser_poll_2s"] = await drive(server, database.url, pis, args.rate, browser_polling(server))
-            pis = await seed(database.url, n)
-            results["server_reread_500ms"] = await drive(server, database.url, pis, args.rate, server_long_poll(port))
-            push = await run_push(server, database.url, n, args.rate, "sse")
-            results["paystream_sse"] = {"latency_ms": push["webhook_sent_to_subscriber_received_ms"],
-                                        "db_xact_per_s_while_waiting": push["db_queries_per_s_while_waiting"],
-                                        "lost": push["lost"], "samples_ms": push["samples_ms"]}
-
-        asyncio.run(all_modes())
-    finally:
-        baseline.terminate()
-        server.stop()
-        database.drop()
+            asyncio.run(all_modes())
+        finally:
+            baseline.terminate()
     ok = all(r["lost"] == 0 for r in results.values())
     for mode, r in results.items():
         samples = r.pop("samples_ms")
