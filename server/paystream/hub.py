@@ -157,10 +157,6 @@ class Hub:
     def ready(self) -> bool:
         return self._conn is not None and not self._conn.is_closed()
 
-    @property
-    def subscriber_count(self) -> int:
-        return sum(len(s) for s in self._subs.values())
-
     async def start(self) -> None:
         self._supervisor = asyncio.create_task(self._supervise(), name="paystream-hub")
 

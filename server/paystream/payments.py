@@ -58,17 +58,19 @@ class CreateTransaction(BaseModel):
         return value
 
     def checked(self) -> CreateTransaction:
-        if self.kind == "card_validation":
-            if self.amount not in (None, CARD_VALIDATION_AMOUNT) or self.capture_method == "automatic":
-                raise ApiError(400, "bad_request", "a card validation is a $1 (amount 100) manual capture")
-            return self.model_copy(update={"amount": CARD_VALIDATION_AMOUNT, "capture_method": "manual"})
-        if self.amount is None:
-            raise ApiError(400, "bad_request", "amount is required")
-        if self.kind in ("wallet_top_up", "invoice") and not self.customer_id:
-            raise ApiError(400, "bad_request", f"a {self.kind} needs customer_id")
+        """The rules across fields, common ones first (a kind never skips them)."""
         if self.coupon and self.kind != "invoice":
             raise ApiError(400, "bad_request", "coupon applies to invoices only")
-        return self.model_copy(update={"currency": self.currency.lower()})
+        req = self.model_copy(update={"currency": self.currency.lower()})
+        if req.kind == "card_validation":
+            if req.amount not in (None, CARD_VALIDATION_AMOUNT) or req.capture_method == "automatic":
+                raise ApiError(400, "bad_request", "a card validation is a $1 (amount 100) manual capture")
+            return req.model_copy(update={"amount": CARD_VALIDATION_AMOUNT, "capture_method": "manual"})
+        if req.amount is None:
+            raise ApiError(400, "bad_request", "amount is required")
+        if req.kind in ("wallet_top_up", "invoice") and not req.customer_id:
+            raise ApiError(400, "bad_request", f"a {req.kind} needs customer_id")
+        return req
 
 
 def _parse(raw: bytes) -> CreateTransaction:

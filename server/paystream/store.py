@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -295,11 +295,4 @@ async def events_after_many(
             ORDER BY e.transaction_id, e.seq""",
         ids,
         afters,
-    )
-
-
-async def log_of(conn: asyncpg.Connection | asyncpg.Pool, txn_id: str) -> Sequence[asyncpg.Record]:
-    return await conn.fetch(
-        "SELECT seq, status, previous_status FROM transaction_events WHERE transaction_id = $1 ORDER BY seq",
-        txn_id,
     )

@@ -158,11 +158,17 @@ async def test_idempotency_key_returns_the_first_answer(ps: Paystream, stripe_js
         ({"kind": "wallet_top_up", "amount": 500}, "bad_request"),
         ({"kind": "payment", "amount": 5, "metadata": {"transaction_id": "txn_x"}}, "bad_request"),
         ({"kind": "payment", "amount": 5, "surprise": True}, "bad_request"),
+        ({"kind": "card_validation", "coupon": "X"}, "bad_request"),  # found by schemathesis
     ],
 )
 async def test_bad_create_requests(ps: Paystream, body: dict, code: str) -> None:
     resp = await ps.http.post("/v1/transactions", json=body, headers=ps.backend)
     assert resp.status_code == 400 and resp.json()["error"]["code"] == code
+
+
+async def test_currency_is_taken_in_any_case_for_every_kind(ps: Paystream) -> None:
+    created = await create(ps, kind="card_validation", currency="EUR")  # was a 500 (schemathesis)
+    assert created["transaction"]["currency"] == "eur"
 
 
 async def test_create_needs_the_api_key(ps: Paystream) -> None:
