@@ -112,3 +112,48 @@ test("a server restart: the stream reconnects, resumes from its seq and misses n
   w.stop();
   assert.deepEqual(updates.map((u) => u.seq), [1, 2, 3]);
 });
+
+test("SSE blocked by a proxy: the SDK falls back to the next transport by itself", async () => {
+  const { createServer, request } = await import("node:http");
+  const { connect } = await import("node:net");
+  const target = new URL(ps.url);
+  // A proxy that turns event streams into an HTML error page (as a captive or buffering
+  // proxy does) and passes everything else through, WebSocket upgrades included.
+  const proxy = createServer((req, res) => {
+    if (req.url.includes("/events")) {
+      res.writeHead(200, { "Content-Type": "text/html" }).end("<h1>blocked</h1>");
+      return;
+    }
+    const upstream = request({ host: target.hostname, port: target.port, path: req.url, method: req.method,
+      headers: req.headers }, (up) => { res.writeHead(up.statusCode, up.headers); up.pipe(res); });
+    req.pipe(upstream);
+  });
+  proxy.on("upgrade", (req, socket, head) => {
+    const up = connect(Number(target.port), target.hostname, () => {
+      up.write(`${req.method} ${req.url} HTTP/1.1\r\n${Object.entries(req.headers).map(([k, v]) => `${k}: ${v}`).join("\r\n")}\r\n\r\n`);
+      up.write(head);
+      up.pipe(socket);
+      socket.pipe(up);
+    });
+  });
+  await new Promise((r) => proxy.listen(0, "127.0.0.1", r));
+  const baseUrl = `http://127.0.0.1:${proxy.address().port}`;
+  try {
+    const pi = newPi();
+    await ps.send("payment_intent.processing", pi, { status: "processing" });
+    const used = [];
+    const updates = [];
+    const done = new Promise((resolve, reject) => {
+      watch(pi, { baseUrl, token: ps.token(pi), onTransport: (t) => used.push(t), onError: reject,
+        onUpdate(tx) { updates.push(tx); if (tx.status === "succeeded") resolve(); } });
+    });
+    while (updates.length === 0) await new Promise((r) => setTimeout(r, 20));
+    await ps.send("payment_intent.succeeded", pi, { status: "succeeded" });
+    await done;
+    assert.deepEqual(used, ["ws"]);
+    assert.deepEqual(updates.map((u) => u.seq), [1, 2]);
+  } finally {
+    proxy.closeAllConnections?.();
+    proxy.close();
+  }
+});
