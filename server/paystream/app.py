@@ -26,7 +26,7 @@ from paystream.errors import (
     server_error_handler,
 )
 from paystream.hub import Hub
-from paystream.limits import HeaderLimit, StreamLimits
+from paystream.limits import HeaderLimit, StreamLimits, read_limited
 from paystream.logs import setup_logging
 from paystream.recovery import OUTBOX_CHANNEL, Recovery
 from paystream.stripe_api import StripeApi
@@ -37,7 +37,7 @@ MAX_JSON_BODY = 64 * 1024
 
 
 async def json_body(request: Request) -> dict:
-    raw = await webhooks.read_limited(request, MAX_JSON_BODY)
+    raw = await read_limited(request, MAX_JSON_BODY)
     try:
         body = json.loads(raw or b"{}")
     except ValueError:

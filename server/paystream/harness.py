@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -60,6 +61,23 @@ class FreshDatabase:
         asyncio.run(_admin(self.admin_url, f"DROP DATABASE IF EXISTS {self.name} WITH (FORCE)"))
 
 
+def wait_until_up(proc: subprocess.Popen[bytes], url: str, timeout: float,
+                  log_tail: Callable[[], str], ready: Callable[[httpx.Response], bool] = lambda r: r.status_code == 200,
+                  ) -> None:
+    """Poll another process's start-up (there is nothing to await across processes)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[:3]} exited with {proc.returncode}: {log_tail()}")
+        try:
+            if ready(httpx.get(url, timeout=1)):
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{proc.args[:3]} not ready in {timeout}s: {log_tail()}")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -99,17 +117,8 @@ class Server:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "paystream", "serve", *self.args], env=self.env, stdout=log, stderr=log
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.log_tail()}")
-            try:
-                if httpx.get(f"{self.base_url}/readyz", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)  # polling another process's start-up; nothing to await instead
-        raise RuntimeError(f"server not ready in {timeout}s: {self.log_tail()}")
+        wait_until_up(self.proc, f"{self.base_url}/readyz", timeout, self.log_tail)
+        return self
 
     def stop(self, sig: int = 15, timeout: float = 20) -> int | None:
         if self.proc is None or self.proc.poll() is not None:

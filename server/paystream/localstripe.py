@@ -11,10 +11,11 @@ import atexit
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
+
+from paystream.harness import wait_until_up
 
 
 class LocalStripe:
@@ -32,16 +33,9 @@ class LocalStripe:
             [sys.executable, "-m", "localstripe", "--port", str(self.port), "--from-scratch"],
             stdout=log, stderr=log)
         atexit.register(self.stop)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"localstripe exited with {self.proc.returncode}; see {self.log_path}")
-            try:
-                httpx.get(f"{self.url}/v1/customers", headers={"Authorization": "Bearer sk_test_x"}, timeout=1)
-                return self
-            except httpx.HTTPError:
-                time.sleep(0.05)  # polling another process's start-up; nothing to await instead
-        raise RuntimeError(f"localstripe did not start in {timeout}s; see {self.log_path}")
+        wait_until_up(self.proc, f"{self.url}/v1/customers", timeout,
+                      lambda: f"see {self.log_path}", ready=lambda r: True)  # any answer: it is up
+        return self
 
     def register_webhook(self, url: str, secret: str, name: str = "paystream") -> None:
         resp = httpx.post(f"{self.url}/_config/webhooks/{name}", data={"url": url, "secret": secret}, timeout=5)

@@ -22,8 +22,8 @@ from paystream import access, store, tokens, transitions
 from paystream.db import ACQUIRE_TIMEOUT
 from paystream.errors import ApiError
 from paystream.lifecycle import BEFORE_STRIPE, Change, stripe_now
+from paystream.limits import read_limited
 from paystream.stripe_api import Created, StripeApi, StripeFailure
-from paystream.webhooks import read_limited
 
 CARD_VALIDATION_AMOUNT = 100  # $1, authorised then released
 

@@ -14,6 +14,7 @@ from starlette.responses import JSONResponse
 from paystream import metrics, store, transitions
 from paystream.db import ACQUIRE_TIMEOUT
 from paystream.errors import ApiError
+from paystream.limits import read_limited
 from paystream.stripe_events import MalformedEvent, check_envelope, is_supported
 
 log = logging.getLogger("paystream.webhooks")
@@ -32,20 +33,6 @@ class _Duplicate(Exception):
 
     def __init__(self, outcome: str | None) -> None:
         self.outcome = outcome
-
-
-async def read_limited(request: Request, limit: int) -> bytes:
-    """The raw body, refusing anything over `limit` bytes without reading it all."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(400, "payload_too_large", f"the body is over the {limit}-byte limit")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(400, "payload_too_large", f"the body is over the {limit}-byte limit")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def verify(raw: bytes, signature: str | None, secrets: list[str], tolerance: int) -> None:
