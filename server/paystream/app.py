@@ -107,10 +107,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
         await hub.start()
         app.state.pool, app.state.hub, app.state.stripe = pool, hub, api
         await hub.wait_ready(5)
+        drain = asyncio.create_task(streams.end_streams_on_shutdown(hub), name="paystream-drain")
         log.info("paystream ready on %s", db.redact(dsn))
         try:
             yield
         finally:
+            drain.cancel()
             if recovery is not None:
                 await recovery.stop()
             await hub.stop()
@@ -121,7 +123,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/v1/transactions", payments.create_transaction, methods=["POST"]),
         Route("/v1/transactions/{id}", streams.get_transaction, methods=["GET"]),
         Route("/v1/transactions/{id}/events", streams.sse, methods=["GET"]),
-        WebSocketRoute("/v1/ws", streams.websocket),
+        WebSocketRoute("/v1/ws", streams.WebSocketEndpoint()),
         Route("/v1/stream-tokens", create_stream_token, methods=["POST"]),
         Route("/healthz", healthz),
         Route("/readyz", readyz),

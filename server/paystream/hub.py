@@ -62,7 +62,7 @@ class Subscription:
         self.pending_seq = 0
         self.closed = False
         self.reason: str | None = None
-        self._items: deque[Item] = deque()
+        self._items: deque[Item] | None = None  # made on the first row: most streams see one
         self._waiter: asyncio.Future[Item | None] | None = None
         self._limit = limit
         self._bytes = 0
@@ -71,6 +71,8 @@ class Subscription:
     def deliver(self, seq: int, status: str, data: str) -> None:
         if self.closed or self.last_seq is None or seq <= self.last_seq:
             return
+        if self._items is None:
+            self._items = deque()
         if len(self._items) >= self._limit or self._bytes + len(data) > self._byte_limit:
             # It stopped reading: cut it off rather than hold memory for it; the client
             # resumes from the last seq it saw.
@@ -112,7 +114,7 @@ class Subscription:
                 self._waiter = None
                 if timer is not None:
                     timer.cancel()
-        item = self._items.popleft()
+        item = self._items.popleft()  # type: ignore[union-attr]  # not empty, so not None
         self._bytes -= len(item[2])
         return item
 
@@ -137,6 +139,7 @@ class Hub:
         self._check_interval = check_interval
         self._check_timeout = check_timeout
         self._subs: dict[str, set[Subscription]] = {}
+        self._closing = False
         self._conn: asyncpg.Connection | None = None
         self._connected_once = False
         self._lost = asyncio.Event()
@@ -251,10 +254,20 @@ class Hub:
         """Register interest. With `after`, every row past it is replayed, then live rows;
         without, nothing is pushed until activate() sets the snapshot's seq."""
         sub = Subscription(txn_id, after, self._queue_limit, self._queue_bytes)
+        if self._closing:
+            sub.close("shutdown")  # the process is draining: end at once, resume elsewhere
         self._subs.setdefault(txn_id, set()).add(sub)
         if after is not None:
             self._schedule_fetch(txn_id)
         return sub
+
+    def close_all(self, reason: str) -> None:
+        """End every stream now and any opened from here on (the process is shutting down):
+        each answers what it has, and its client resumes from its cursor elsewhere."""
+        self._closing = True
+        for subs in self._subs.values():
+            for sub in subs:
+                sub.close(reason)
 
     def activate(self, sub: Subscription, snapshot_seq: int) -> None:
         """The stream has read its snapshot at snapshot_seq: push what comes after."""

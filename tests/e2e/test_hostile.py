@@ -58,6 +58,20 @@ async def test_streams_are_limited_per_token_and_per_address(tps: Paystream) -> 
         assert (await again.event()).event == "snapshot"
 
 
+async def test_head_on_a_stream_holds_nothing(tps: Paystream) -> None:
+    """HEAD answers what GET would, headers only, and releases what it took: a third and
+    fourth HEAD, then two real streams, still fit in the token's two slots."""
+    a = await new_txn(tps)
+    token = tps.token(a)
+    for _ in range(4):
+        head = await tps.http.head(f"/v1/transactions/{a}/events", params={"token": token})
+        assert head.status_code == 200 and head.headers["content-type"].startswith("text/event-stream")
+        assert head.content == b""
+    async with tps.sse(a, token=token, params={"follow": "true"}) as s1, \
+               tps.sse(a, token=token, params={"follow": "true"}) as s2:
+        assert (await s1.event()).event == "snapshot" and (await s2.event()).event == "snapshot"
+
+
 async def test_oversized_headers_get_431(ps: Paystream) -> None:
     resp = await ps.http.get("/healthz", headers={"X-Big": "x" * 20000})
     assert resp.status_code == 431 and resp.json()["error"]["code"] == "headers_too_large"

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable
 
 import jwt
 import pytest
 
 from paystream import trigger
-from tests.support import Paystream
+from tests.support import Paystream, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -101,6 +102,25 @@ async def test_idle_streams_get_a_comment_ping(ps: Paystream) -> None:
         await stream.event()
         frame = await stream.frame(timeout=5)  # the test server pings every second
         assert frame.comments == ["ping"] and frame.event is None
+
+
+async def test_a_client_that_leaves_is_released_at_once(ps: Paystream) -> None:
+    """The stream notices the socket closing while it waits (not at its next write)."""
+    _, txn_id = await started(ps)
+
+    async def open_sse_streams() -> float:
+        metrics = (await ps.http.get("/metrics")).text
+        return sum(float(line.split()[-1]) for line in metrics.splitlines()
+                   if line.startswith('paystream_connections{transport="sse"} '))
+
+    async with ps.sse(txn_id, params={"follow": "true"}) as stream:
+        assert (await stream.event()).event == "snapshot"
+        assert await open_sse_streams() >= 1
+    await wait_until(lambda: _is_zero(open_sse_streams()), what="the closed stream to be released")
+
+
+async def _is_zero(value: Awaitable[float]) -> bool:
+    return await value == 0
 
 
 @pytest.mark.parametrize(

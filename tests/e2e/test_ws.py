@@ -92,3 +92,14 @@ async def test_a_bad_token_is_refused_at_the_handshake(ps: Paystream) -> None:
         async with websockets.connect(ws_url(ps, "nope")):
             pass
     assert info.value.response.status_code == 401
+
+
+async def test_no_compression_is_negotiated(ps: Paystream) -> None:
+    """Browsers offer permessage-deflate; for ~300-byte status messages its zlib state
+    (~50 KB a socket) costs more than it saves, so the server declines it."""
+    a = await new_txn(ps)
+    async with websockets.connect(ws_url(ps, ps.token(a))) as ws:  # offers deflate by default
+        assert "permessage-deflate" in ws.request.headers.get("Sec-WebSocket-Extensions", "")
+        assert ws.response.headers.get("Sec-WebSocket-Extensions") is None
+        await ws.send(json.dumps({"op": "subscribe", "id": a}))
+        assert (await recv(ws))["op"] == "snapshot"
