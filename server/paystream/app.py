@@ -25,6 +25,7 @@ from paystream.errors import (
     http_error_handler,
     server_error_handler,
 )
+from paystream.gc_tuning import GcTuning
 from paystream.hub import Hub
 from paystream.limits import HeaderLimit, StreamLimits, read_limited
 from paystream.logs import setup_logging
@@ -93,6 +94,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         dsn = settings.database_url
         if not dsn:
             raise RuntimeError("DATABASE_URL is not set (use `paystream dev` for the embedded default)")
+        metrics.watch_gc()
         await db.migrate(dsn)
         pool = await db.create_pool(dsn, settings.db_pool_size)
         hub = Hub(dsn, pool, queue_limit=settings.subscriber_queue_limit,
@@ -108,11 +110,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
         app.state.pool, app.state.hub, app.state.stripe = pool, hub, api
         await hub.wait_ready(5)
         drain = asyncio.create_task(streams.end_streams_on_shutdown(hub), name="paystream-drain")
+        gc_tuning = GcTuning()
+        gc_tuning.start()
         log.info("paystream ready on %s", db.redact(dsn))
         try:
             yield
         finally:
             drain.cancel()
+            await gc_tuning.stop()
             if recovery is not None:
                 await recovery.stop()
             await hub.stop()

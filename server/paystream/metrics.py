@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import time
+
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 from starlette.requests import Request
 from starlette.responses import Response
@@ -19,6 +22,30 @@ WEBHOOK_TO_PUSH = Histogram(
     "From a change's write in the webhook transaction (its updated_at) to its hand-off to local subscribers",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
 )
+
+
+GC_PAUSE = Histogram(
+    "paystream_gc_pause_seconds",
+    "Garbage-collection pauses by generation: a full (2) collection walks every live object, "
+    "so it grows with the number of open streams",
+    ["generation"],
+    buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+_gc_started = 0.0
+
+
+def _time_gc(phase: str, info: dict[str, int]) -> None:
+    global _gc_started  # noqa: PLW0603  # one collector per process, one collection at a time
+    if phase == "start":
+        _gc_started = time.perf_counter()
+    else:
+        GC_PAUSE.labels(str(info["generation"])).observe(time.perf_counter() - _gc_started)
+
+
+def watch_gc() -> None:
+    """Time every collection (the callback costs ~1 µs; collections are what stall streams)."""
+    if _time_gc not in gc.callbacks:
+        gc.callbacks.append(_time_gc)
 
 
 async def endpoint(request: Request) -> Response:
