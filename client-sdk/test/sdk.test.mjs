@@ -157,3 +157,59 @@ test("SSE blocked by a proxy: the SDK falls back to the next transport by itself
     proxy.close();
   }
 });
+
+test("a tab that comes back into view re-reads the status at once, though its stream went silent", async () => {
+  const { createServer, connect } = await import("node:net");
+  const target = new URL(ps.url);
+  // A TCP proxy that can freeze the connections it already carries (as a suspended tab's
+  // socket goes quiet without closing) while new connections still pass.
+  const carried = [];
+  const requests = [];
+  const proxy = createServer((client) => {
+    const upstream = connect(Number(target.port), target.hostname);
+    client.once("data", (chunk) => requests.push(chunk.toString("latin1").split("\r\n", 1)[0]));
+    client.pipe(upstream);
+    upstream.pipe(client);
+    carried.push(upstream);
+    client.on("error", () => upstream.destroy());
+    upstream.on("error", () => client.destroy());
+  });
+  await new Promise((r) => proxy.listen(0, "127.0.0.1", r));
+  const baseUrl = `http://127.0.0.1:${proxy.address().port}`;
+  // The SDK listens for visibilitychange on `document` when there is one.
+  const doc = Object.assign(new EventTarget(), { visibilityState: "visible" });
+  globalThis.document = doc;
+  let stop = () => {};
+  try {
+    const pi = newPi();
+    await ps.send("payment_intent.processing", pi, { status: "processing" });
+    const updates = [];
+    let snapshotSeen;
+    const ready = new Promise((r) => { snapshotSeen = r; });
+    const done = new Promise((resolve, reject) => {
+      stop = watch(pi, { baseUrl, token: ps.token(pi), transport: "sse", onError: reject,
+        onUpdate(tx) { updates.push(tx); snapshotSeen(); if (tx.status === "succeeded") resolve(); } });
+    });
+    await ready;
+    doc.visibilityState = "hidden";
+    doc.dispatchEvent(new Event("visibilitychange"));
+    for (const up of carried) up.pause(); // the stream goes silent, and stays open
+    await ps.send("payment_intent.succeeded", pi, { status: "succeeded" });
+    assert.deepEqual(updates.map((u) => u.status), ["processing"]); // held in the frozen socket
+
+    doc.visibilityState = "visible";
+    doc.dispatchEvent(new Event("visibilitychange"));
+    let timer;
+    await Promise.race([done, new Promise((_, reject) => {
+      timer = setTimeout(() => reject(new Error("no re-read on becoming visible")), 10000);
+    })]).finally(() => clearTimeout(timer));
+    assert.deepEqual(updates.map((u) => [u.seq, u.status]), [[1, "processing"], [2, "succeeded"]]);
+    assert.ok(requests.some((line) => line.startsWith(`GET /v1/transactions/${pi}?`)),
+      `the re-read went through: ${JSON.stringify(requests)}`);
+  } finally {
+    stop();
+    delete globalThis.document;
+    for (const up of carried) up.destroy();
+    proxy.close();
+  }
+});
