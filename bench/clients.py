@@ -101,13 +101,21 @@ class _KeepAlive:
         self.host, self.port = host, port
         self._conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
 
-    async def _request(self, head: str, body: bytes = b"") -> tuple[int, dict[str, Any]]:
+    async def connect(self) -> None:
+        """Open the connection now (before a measured window), not at the first request."""
         if self._conn is None:
             self._conn = await asyncio.open_connection(self.host, self.port)
+
+    async def _raw(self, head: str, body: bytes = b"") -> tuple[int, bytes]:
+        await self.connect()
+        assert self._conn is not None
         reader, writer = self._conn
         writer.write(f"{head}Host: {self.host}:{self.port}\r\n\r\n".encode() + body)
         status, headers = await _read_head(reader)
-        payload = await reader.readexactly(int(headers.get("content-length", "0")))
+        return status, await reader.readexactly(int(headers.get("content-length", "0")))
+
+    async def _request(self, head: str, body: bytes = b"") -> tuple[int, dict[str, Any]]:
+        status, payload = await self._raw(head, body)
         return status, json.loads(payload or b"{}")
 
     def close(self) -> None:
@@ -122,11 +130,16 @@ class WebhookSender(_KeepAlive):
         super().__init__(host, port)
         self.secret = secret
 
-    async def send(self, event: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    def prepare(self, event: dict[str, Any]) -> tuple[str, bytes]:
+        """The request head and body, signed now: build them before the clock starts, so
+        the load generator's own JSON and HMAC work stays out of the measured window."""
         body = json.dumps(event).encode()
-        return await self._request(
-            f"POST /v1/stripe/webhook HTTP/1.1\r\nContent-Type: application/json\r\n"
-            f"Stripe-Signature: {trigger.sign(body, self.secret)}\r\nContent-Length: {len(body)}\r\n", body)
+        return (f"POST /v1/stripe/webhook HTTP/1.1\r\nContent-Type: application/json\r\n"
+                f"Stripe-Signature: {trigger.sign(body, self.secret)}\r\nContent-Length: {len(body)}\r\n", body)
+
+    async def send(self, event: dict[str, Any] | tuple[str, bytes]) -> tuple[int, dict[str, Any]]:
+        head, body = event if isinstance(event, tuple) else self.prepare(event)
+        return await self._request(head, body)
 
 
 class HttpGetter(_KeepAlive):
@@ -134,3 +147,6 @@ class HttpGetter(_KeepAlive):
 
     async def get(self, path: str) -> tuple[int, dict[str, Any]]:
         return await self._request(f"GET {path} HTTP/1.1\r\n")
+
+    async def get_text(self, path: str) -> str:
+        return (await self._raw(f"GET {path} HTTP/1.1\r\n"))[1].decode()

@@ -28,6 +28,38 @@ def lat(d: dict, key: str) -> list[str]:
     return [f"{s.get(p, '–')} ms" for p in ("p50", "p90", "p99", "max")]
 
 
+def gcs(s1: dict) -> str:
+    pushing = s1.get("full_gc", {}).get("pushing")
+    return "–" if pushing is None else f"{pushing['count']:g} ({pushing['longest']})"
+
+
+def targets(sse: dict | None, s1s: list[dict], storms: list[dict]) -> list[str]:
+    """The issue's targets for this 2-core machine, against the last run."""
+    if sse is None and not storms:
+        return []
+    out = ["## Targets", "", row("target", "result", "met"), row("---", "---", "---")]
+
+    def add(name: str, value: float, limit: float, unit: str, at_most: bool = True, full: bool = True) -> None:
+        ok = value <= limit if at_most else value >= limit
+        verdict = ("yes" if ok else "**no**") if full else "not judged: a --quick run (the target is for 10,000)"
+        out.append(row(f"{name} {'≤' if at_most else '≥'} {limit}{unit}", f"{value}{unit}", verdict))
+
+    if sse is not None:
+        push, full = sse["webhook_sent_to_subscriber_received_ms"], sse["subscribers"] >= 10000
+        add(f"S1 SSE ({sse['subscribers']} connected) push p50", push["p50"], 5, " ms", full=full)
+        add(f"S1 SSE ({sse['subscribers']} connected) push p99", push["p99"], 25, " ms", full=full)
+        add("S1 SSE database queries/s spent on waiting subscribers", sse["db_queries_per_s_while_waiting"], 0, "",
+            full=full)
+    for d in s1s:
+        add(f"S1 {d['transport'].upper()} ({d['subscribers']} connected) server memory per idle connection",
+            d["server_rss_kb_per_idle_connection"], 30, " KB", full=d["subscribers"] >= 10000)
+    if storms:
+        best = max(storms, key=lambda d: d["share_of_raw_ceiling"])
+        add(f"S3 share of the raw Postgres ceiling (best: {best['workers']} worker(s))",
+            best["share_of_raw_ceiling"], 0.6, "", at_most=False)
+    return [*out, ""]
+
+
 def main() -> int:
     OUT.mkdir(exist_ok=True)
     lines = ["# paystream benchmarks", "", "Made by `bench/report.py` from the last run of each scenario.", ""]
@@ -39,23 +71,38 @@ def main() -> int:
     lines += [f"Machine: {m.get('cpus')} × {m.get('cpu')}, Python {m.get('python')}, PostgreSQL 15 (system), "
               "client and server on the same host.", ""]
     s1s = [d for t in ("sse", "ws") if (d := load(f"s1_waiting_{t}"))]
+    storms = [d for w in (1, 2) if (d := load(f"s3_storm_{w}w"))]
+    lines += targets(next((d for d in s1s if d["transport"] == "sse"), None), s1s, storms)
+    singles = [d for name in ("system_c1", "embedded_c1", "system_c10") if (d := load(f"webhook_to_sse_{name}"))]
+    if singles:
+        lines += ["## One webhook at a time", "", "A single SSE subscriber per transaction; each webhook is sent "
+                  "only after the previous one arrived.", "",
+                  row("Postgres", "concurrency", "events", "push p50", "p90", "p99", "max", "ack p50", "lost/dup"),
+                  row(*["---"] * 9)]
+        for d in singles:
+            lines.append(row(d["postgres"], d["concurrency"], d["events"], *lat(d, "webhook_sent_to_sse_received_ms"),
+                             f"{d['webhook_ack_ms']['p50']} ms", f"{d['lost']}/{d['duplicated']}"))
+        lines.append("")
     if s1s:
         lines += ["## S1 waiting browsers", "",
-                  row("subscribers", "transport", "push p50", "p90", "p99", "max", "ack p50", "RSS/idle conn",
-                      "server CPU idle", "DB q/s waiting", "lost/dup"),
-                  row(*["---"] * 11)]
+                  row("subscribers", "transport", "push p50", "p90", "p99", "max", "server hand-off ≤ 5 ms",
+                      "ack p50", "RSS/idle conn", "server CPU idle / pushing", "DB xact/s: none waiting / N waiting",
+                      "full GCs while pushing", "lost/dup"),
+                  row(*["---"] * 13)]
         for s1 in s1s:
+            share = s1.get("server_write_to_handoff_share", {}).get("le_5ms")
             lines.append(row(s1["subscribers"], s1["transport"], *lat(s1, "webhook_sent_to_subscriber_received_ms"),
+                             "–" if share is None else f"{share:.1%}",
                              f"{s1['webhook_ack_ms']['p50']} ms", f"{s1['server_rss_kb_per_idle_connection']} KB",
-                             f"{s1['server_cpu_idle_cores']} cores", s1["db_queries_per_s_while_waiting"],
-                             f"{s1['lost']}/{s1['wrong_or_duplicated']}"))
+                             f"{s1['server_cpu_idle_cores']} / {s1['server_cpu_while_pushing_cores']} cores",
+                             f"{s1.get('db_xacts_per_s_before_subscribers')} / {s1.get('db_xacts_per_s_while_waiting')}",
+                             gcs(s1), f"{s1['lost']}/{s1['wrong_or_duplicated']}"))
         lines.append("")
     if s2 := load("s2_fanout"):
         lines += ["## S2 fan-out", "", row("subscribers", "events", "p50", "p90", "p99", "max", "once, in order"),
                   row(*["---"] * 7),
                   row(s2["subscribers"], s2["events"], *lat(s2, "webhook_sent_to_subscriber_received_ms"),
                       s2["every_event_once_in_order"]), ""]
-    storms = [d for w in (1, 2) if (d := load(f"s3_storm_{w}w"))]
     if storms:
         lines += ["## S3 webhook storm", "", row("workers", "sustained webhooks/s", "raw Postgres commits/s (1/8/32 writers)",
                                                 "share of raw ceiling"), row(*["---"] * 4)]
@@ -63,6 +110,13 @@ def main() -> int:
             raw = d["raw_postgres_commits_per_s"]
             lines.append(row(d["workers"], d["sustained_webhooks_per_s"], " / ".join(str(v) for v in raw.values()),
                              d["share_of_raw_ceiling"]))
+        lines += ["", "Steps (open-loop; sustained = every answer 200, within 5% of the target rate, ack p99 < 1 s):", "",
+                  row("workers", "target/s", "achieved/s", "errors", "ack p50", "ack p99", "sustained"),
+                  row(*["---"] * 7)]
+        for d in storms:
+            for st in d["steps"]:
+                lines.append(row(d["workers"], st["target_per_s"], st["achieved_per_s"], st["errors"],
+                                 f"{st['ack_ms'].get('p50')} ms", f"{st['ack_ms'].get('p99')} ms", st["sustained"]))
         lines.append("")
     modes = [("paystream_sse", "paystream push (SSE)"), ("server_reread_500ms", "server long-poll re-reading every 500 ms"),
              ("browser_poll_2s", "browser polling every 2 s")]

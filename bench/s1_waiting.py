@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import sys
 import time
@@ -24,7 +25,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from clients import SSEStream, WebhookSender  # noqa: E402
+from clients import HttpGetter, SSEStream, WebhookSender  # noqa: E402
 from common import machine, paystream, save, summary  # noqa: E402
 
 from paystream import store, tokens, trigger  # noqa: E402
@@ -57,6 +58,34 @@ async def db_queries(database_url: str) -> int:
         await conn.close()
 
 
+async def scrape(port: int) -> dict[str, float]:
+    """Every sample on the server's /metrics, keyed by name{labels}."""
+    getter = HttpGetter("127.0.0.1", port)
+    try:
+        text = await getter.get_text("/metrics")
+    finally:
+        getter.close()
+    return {key: float(value) for line in text.splitlines() if line and not line.startswith("#")
+            for key, value in [line.rsplit(" ", 1)]}
+
+
+def bucket_delta(before: dict[str, float], after: dict[str, float], prefix: str) -> dict[str, float]:
+    """A histogram's cumulative bucket counts between two scrapes, by `le`."""
+    return {key.split('le="', 1)[1].split('"', 1)[0]: after[key] - before.get(key, 0)
+            for key in after if key.startswith(prefix)}
+
+
+def longest(buckets: dict[str, float]) -> str:
+    """The smallest bucket bound that holds every observation: "≤ 0.05 s"."""
+    total = buckets.get("+Inf", 0)
+    if not total:
+        return "none"
+    for le in sorted((b for b in buckets if b != "+Inf"), key=float):
+        if buckets[le] >= total:
+            return f"≤ {le} s"
+    return "> the largest bucket"
+
+
 class WsClient:
     """One WebSocket per subscriber (as one browser tab each)."""
 
@@ -80,10 +109,30 @@ class WsClient:
         asyncio.ensure_future(self.ws.close())
 
 
-async def run(server: Server, database_url: str, n: int, rate: float, transport: str) -> dict[str, object]:
+# A Postgres 15 backend reports its counters to pg_stat_database up to 10 s after it goes
+# idle, so a window opened sooner would count the set-up's queries as the waiting ones.
+STATS_LAG = 11.0
+
+
+async def db_rate(database_url: str, seconds: float) -> float:
+    """Database transactions per second over a window (a measurement, not a wait)."""
+    q0, t0 = await db_queries(database_url), time.perf_counter()
+    await asyncio.sleep(seconds)
+    q1, t1 = await db_queries(database_url), time.perf_counter()
+    return (q1 - q0 - 1) / (t1 - t0)  # minus the first read's own transaction
+
+
+async def run(server: Server, database_url: str, n: int, rate: float, transport: str,
+              idle_window: float, baseline: bool = True) -> dict[str, object]:
     proc = psutil.Process(server.proc.pid)
     pis = await seed(database_url, n)
     rss_before = proc.memory_info().rss
+    before_qps = None
+    if baseline:
+        # What the server costs the database with nobody waiting (its listener's health
+        # check, the sweeper): subtracted below, so what is left is the subscribers' cost.
+        await asyncio.sleep(STATS_LAG)
+        before_qps = await db_rate(database_url, 5)
 
     # Open every subscriber and read its snapshot.
     clients: dict[str, object] = {}
@@ -104,13 +153,17 @@ async def run(server: Server, database_url: str, n: int, rate: float, transport:
 
     await asyncio.gather(*(open_one(pi) for pi in pis))
     open_seconds = time.perf_counter() - t_open
-    await asyncio.sleep(2)  # let the server settle before measuring idle cost (not a synchronisation)
+    # This process's own 10,000 client streams are frozen out of its garbage collector, so
+    # that its pauses are not counted as the server's latency.
+    gc.freeze()
+    await asyncio.sleep(STATS_LAG if baseline else 2)  # the opening's counters reach pg_stat_database
     rss_open = proc.memory_info().rss
-    cpu0, q0, t0 = proc.cpu_times(), await db_queries(database_url), time.perf_counter()
-    await asyncio.sleep(5)  # an idle window: what do N waiting browsers cost? (a measurement, not a wait)
-    cpu1, q1, t1 = proc.cpu_times(), await db_queries(database_url), time.perf_counter()
+    # An idle window: what do N waiting browsers cost?  A full run spans a whole SSE ping
+    # interval (15 s), so every stream's keep-alive is counted.
+    cpu0, t0, m0 = proc.cpu_times(), time.perf_counter(), await scrape(server.port)
+    idle_qps = await db_rate(database_url, idle_window)
+    cpu1, t1, m1 = proc.cpu_times(), time.perf_counter(), await scrape(server.port)
     idle_cpu = ((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)) / (t1 - t0)
-    idle_qps = (q1 - q0 - 2) / (t1 - t0)  # minus our own two counter reads
 
     # Receivers: each stamps its event on arrival.
     received: dict[str, float] = {}
@@ -135,10 +188,13 @@ async def run(server: Server, database_url: str, n: int, rate: float, transport:
     senders = [WebhookSender("127.0.0.1", server.port, server.webhook_secret) for _ in range(8)]
     sent: dict[str, float] = {}
     acks: list[float] = []
-    cpu2, t2 = proc.cpu_times(), time.perf_counter()
+    requests = {pi: senders[0].prepare(trigger.build("payment_intent.succeeded", pi)) for pi in pis}
+    await asyncio.gather(*(s.connect() for s in senders))
+    m2 = await scrape(server.port)
     queue: asyncio.Queue[str] = asyncio.Queue()
     for pi in pis:
         queue.put_nowait(pi)
+    cpu2, t2 = proc.cpu_times(), time.perf_counter()
 
     async def send_lane(sender: WebhookSender) -> None:
         while not queue.empty():
@@ -147,15 +203,18 @@ async def run(server: Server, database_url: str, n: int, rate: float, transport:
             delay = due - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)  # pacing the load, not synchronising
-            event = trigger.build("payment_intent.succeeded", pi)
             sent[pi] = time.perf_counter()
-            status, _ = await sender.send(event)
+            status, _ = await sender.send(requests[pi])
             acks.append((time.perf_counter() - sent[pi]) * 1000)
             assert status == 200
 
     await asyncio.gather(*(send_lane(s) for s in senders))
     await asyncio.wait_for(asyncio.gather(*receivers), 120)
     cpu3, t3 = proc.cpu_times(), time.perf_counter()
+    m3 = await scrape(server.port)
+    handed = bucket_delta(m2, m3, "paystream_webhook_to_push_seconds_bucket{")
+    total = handed.get("+Inf", 0) or 1
+    full_gc = 'paystream_gc_pause_seconds_bucket{generation="2",'
     for s in senders:
         s.close()
     for c in clients.values():
@@ -166,11 +225,25 @@ async def run(server: Server, database_url: str, n: int, rate: float, transport:
         "open_seconds": round(open_seconds, 2),
         "webhook_ack_ms": summary(acks),
         "webhook_sent_to_subscriber_received_ms": summary(push),
+        # The server's own view (paystream_webhook_to_push_seconds): the share of changes
+        # handed to their subscribers within 5 and 25 ms of being written.
+        "server_write_to_handoff_share": {"le_5ms": round(handed.get("0.005", 0) / total, 4),
+                                          "le_25ms": round(handed.get("0.025", 0) / total, 4)},
         "server_rss_mb": {"before": round(rss_before / 2**20, 1), "with_subscribers": round(rss_open / 2**20, 1)},
         "server_rss_kb_per_idle_connection": round((rss_open - rss_before) / n / 1024, 2),
         "server_cpu_idle_cores": round(idle_cpu, 3),
+        "idle_window_seconds": idle_window,
         "server_cpu_while_pushing_cores": round(((cpu3.user + cpu3.system) - (cpu2.user + cpu2.system)) / (t3 - t2), 3),
-        "db_queries_per_s_while_waiting": round(max(idle_qps, 0), 2),
+        # Transactions/s in the database while N subscribers waited; with a baseline, less
+        # what the server cost with none waiting (db_queries_per_s_while_waiting).
+        "db_xacts_per_s_before_subscribers": None if before_qps is None else round(before_qps, 2),
+        "db_xacts_per_s_while_waiting": round(idle_qps, 2),
+        "db_queries_per_s_while_waiting": (None if before_qps is None
+                                           else round(max(idle_qps - before_qps, 0), 2)),
+        "full_gc": {"idle": {"count": bucket_delta(m0, m1, full_gc).get("+Inf", 0),
+                             "longest": longest(bucket_delta(m0, m1, full_gc))},
+                    "pushing": {"count": bucket_delta(m2, m3, full_gc).get("+Inf", 0),
+                                "longest": longest(bucket_delta(m2, m3, full_gc))}},
         "lost": n - len(received), "wrong_or_duplicated": len(bad),
         "no_loss_no_duplicates": len(received) == n and not bad,
         "samples_ms": push,
@@ -188,7 +261,7 @@ def main() -> int:
     n = 1000 if args.quick else args.subscribers
     # The server as shipped; only the per-address limit one test client trips is raised.
     with paystream(clients=n, pg=args.pg) as (server, database):
-        result = asyncio.run(run(server, database.url, n, args.rate, args.transport))
+        result = asyncio.run(run(server, database.url, n, args.rate, args.transport, 5 if args.quick else 16))
     samples = result.pop("samples_ms")
     line = {"bench": "s1_waiting", **result, "machine": machine()}
     print(json.dumps(line))

@@ -59,8 +59,9 @@ async def run(server: Server, database_url: str, n: int, events: int) -> dict[st
         if delay > 0:
             await asyncio.sleep(delay)  # 5 events a second
         seq = 2 + k
+        request = sender.prepare(trigger.build("charge.refunded", pi, amount=100000, amount_refunded=k * 100))
         sent[seq] = time.perf_counter()
-        status, _ = await sender.send(trigger.build("charge.refunded", pi, amount=100000, amount_refunded=k * 100))
+        status, _ = await sender.send(request)
         assert status == 200
     await asyncio.wait_for(asyncio.gather(*readers), 120)
     sender.close()

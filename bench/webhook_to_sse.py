@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from clients import SSEStream, WebhookSender  # noqa: E402
-from common import machine, summary  # noqa: E402
+from common import machine, save, summary  # noqa: E402
 
 from paystream import tokens, trigger  # noqa: E402
 from paystream.harness import FreshDatabase, Server  # noqa: E402
@@ -56,8 +56,9 @@ async def run(server: Server, events: int, concurrency: int) -> dict[str, object
                 return event, time.perf_counter()  # stamped on arrival, not when looked at
 
             received = asyncio.ensure_future(timed_read())
+            request = sender.prepare(trigger.build("payment_intent.succeeded", pi))
             t0 = time.perf_counter()
-            status, answer = await sender.send(trigger.build("payment_intent.succeeded", pi))
+            status, answer = await sender.send(request)
             t_ack = time.perf_counter()
             assert status == 200 and answer["outcome"] == "applied", answer
             ev, t_push = await asyncio.wait_for(received, 10)
@@ -114,7 +115,9 @@ def main() -> int:
     finally:
         server.stop()
         database.drop()
-    print(json.dumps({"bench": "webhook_to_sse", "postgres": args.pg, **result, "machine": machine()}))
+    line = {"bench": "webhook_to_sse", "postgres": args.pg, **result, "machine": machine()}
+    print(json.dumps(line))
+    save(f"webhook_to_sse_{args.pg}_c{args.concurrency}", line)
     return 0 if result["no_loss_no_duplicates"] else 1
 
 
