@@ -25,8 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from clients import WebhookSender  # noqa: E402
 from common import machine, save, summary  # noqa: E402
 
-from paystream import store, trigger  # noqa: E402
+from paystream import store, transitions, trigger  # noqa: E402
 from paystream.harness import FreshDatabase, Server  # noqa: E402
+from paystream.lifecycle import Change, stripe_now  # noqa: E402
 
 
 async def seed(database_url: str, n: int) -> list[str]:
@@ -54,18 +55,19 @@ async def raw_ceiling(database_url: str, writers: int, seconds: float) -> float:
         await store.init_connection(c)
     done = 0
     stop_at = time.perf_counter() + seconds
+    succeeded = Change("succeeded", stripe_now())
 
     async def writer(k: int, conn: asyncpg.Connection) -> None:
         nonlocal done
         mine = ids[k::writers]  # disjoint rows: writers never wait on each other's row locks
         i = 0
         while time.perf_counter() < stop_at and i < len(mine):
+            # The statements the server runs for the same move (lock; update + log +
+            # NOTIFY as one), minus storing the raw Stripe event.
             async with conn.transaction():
                 row = await store.lock_by_stripe_id(conn, mine[i])
-                moved = await store.move_transaction(conn, row["id"], status="succeeded", last_error=None,
-                                                     validated=False, status_at=None, amount_refunded=0)
-                await store.append_event(conn, moved, previous_status="processing", stripe_event_id=None,
-                                         event_type="bench")
+                await store.move_and_log(conn, transitions.next_row(row, succeeded), previous_status="processing",
+                                         stripe_event_id=None, event_type="bench")
             done += 1
             i += 1
 

@@ -54,21 +54,16 @@ def render(row: asyncpg.Record | dict[str, Any]) -> dict[str, Any]:
 # --- stripe_events -------------------------------------------------------------------
 
 
-async def record_stripe_event(
-    conn: asyncpg.Connection, event: dict[str, Any], raw_body: str, headers: dict[str, str]
-) -> asyncpg.Record:
-    """Store a verified delivery (or count a repeat) and lock its row until commit.
+_STORE_EVENT = """
+    INSERT INTO stripe_events (id, type, object_id, api_version, livemode, created, raw_body, headers)
+    VALUES ($1, $2, $3, $4, $5, to_timestamp($6), $7, $8)
+    ON CONFLICT (id) DO UPDATE SET attempts = stripe_events.attempts + 1
+    RETURNING processed_at, outcome"""
 
-    Concurrent deliveries of one event queue on this row: the second sees the first's
-    processed_at once it commits, so an event is applied once however many arrive.
-    """
+
+def _event_args(event: dict[str, Any], raw_body: str, headers: dict[str, str]) -> tuple[Any, ...]:
     obj = event["data"]["object"]
-    return await conn.fetchrow(
-        """INSERT INTO stripe_events (id, type, object_id, api_version, livemode, created,
-                                      raw_body, headers)
-           VALUES ($1, $2, $3, $4, $5, to_timestamp($6), $7, $8)
-           ON CONFLICT (id) DO UPDATE SET attempts = stripe_events.attempts + 1
-           RETURNING processed_at, outcome""",
+    return (
         event["id"],
         event["type"],
         obj.get("id"),
@@ -78,6 +73,37 @@ async def record_stripe_event(
         raw_body,
         headers,
     )
+
+
+async def record_stripe_event(
+    conn: asyncpg.Connection, event: dict[str, Any], raw_body: str, headers: dict[str, str]
+) -> asyncpg.Record:
+    """Store a verified delivery (or count a repeat) and lock its row until commit.
+
+    Concurrent deliveries of one event queue on this row: the second sees the first's
+    processed_at once it commits, so an event is applied once however many arrive.
+    """
+    return await conn.fetchrow(_STORE_EVENT, *_event_args(event, raw_body, headers))
+
+
+async def record_and_lock(
+    conn: asyncpg.Connection, event: dict[str, Any], raw_body: str, headers: dict[str, str],
+    stripe_id: str | None,
+) -> tuple[asyncpg.Record, asyncpg.Record | None]:
+    """record_stripe_event, and the transaction of stripe_id locked, in one round trip.
+
+    The webhook's hot path: the lock is taken after the event row's (as when they were
+    two statements), and FOR UPDATE returns the row's newest committed version even
+    though the statement's snapshot predates a wait on either lock.  The transaction row
+    is None when stripe_id names none (the caller then looks further)."""
+    rec = await conn.fetchrow(
+        f"""WITH stored AS ({_STORE_EVENT})
+            SELECT stored.processed_at AS event_processed_at, stored.outcome AS event_outcome, t.*
+              FROM stored LEFT JOIN LATERAL (
+                     SELECT {TXN_COLUMNS} FROM transactions WHERE stripe_id = $9 FOR UPDATE) t ON true""",
+        *_event_args(event, raw_body, headers), stripe_id)
+    stored = {"processed_at": rec["event_processed_at"], "outcome": rec["event_outcome"]}
+    return stored, (rec if rec["id"] is not None else None)  # type: ignore[return-value]
 
 
 async def finish_stripe_event(
@@ -152,31 +178,6 @@ async def insert_transaction(
     )
 
 
-async def move_transaction(
-    conn: asyncpg.Connection,
-    txn_id: str,
-    *,
-    status: str,
-    last_error: dict[str, Any] | None,
-    validated: bool,
-    status_at: datetime | None,
-    amount_refunded: int,
-) -> asyncpg.Record:
-    return await conn.fetchrow(
-        f"""UPDATE transactions
-               SET status = $2, last_error = $3, validated = $4, status_at = $5,
-                   amount_refunded = $6, seq = seq + 1, updated_at = clock_timestamp()
-             WHERE id = $1
-         RETURNING {TXN_COLUMNS}""",
-        txn_id,
-        status,
-        last_error,
-        validated,
-        status_at,
-        amount_refunded,
-    )
-
-
 async def lock_by_id(conn: asyncpg.Connection, txn_id: str) -> asyncpg.Record | None:
     return await conn.fetchrow(f"SELECT {TXN_COLUMNS} FROM transactions WHERE id = $1 FOR UPDATE", txn_id)
 
@@ -224,6 +225,20 @@ async def get_transaction(conn: asyncpg.Connection | asyncpg.Pool, any_id: str) 
 # --- the event log -------------------------------------------------------------------
 
 
+def _log_entry(row: asyncpg.Record | dict[str, Any], previous_status: str | None,
+               stripe_event_id: str | None, event_type: str | None,
+               extra: dict[str, Any] | None) -> tuple[str, str]:
+    """The pushed JSON of a log row, and the NOTIFY payload that announces it."""
+    data = render(row)
+    data["previous_status"] = previous_status
+    data["cause"] = {"stripe_event_id": stripe_event_id, "type": event_type}
+    if extra:
+        data.update(extra)
+    text = json.dumps(data, separators=(",", ":"))
+    payload = json.dumps({"id": row["id"], "seq": row["seq"], "status": row["status"]}, separators=(",", ":"))
+    return text, payload
+
+
 async def append_event(
     conn: asyncpg.Connection,
     row: asyncpg.Record,
@@ -238,13 +253,7 @@ async def append_event(
     Postgres delivers the NOTIFY only at commit, so a listener never hears of a row it
     cannot read yet. The payload stays tiny (ids, seq, status): far from the 8000-byte limit.
     """
-    data = render(row)
-    data["previous_status"] = previous_status
-    data["cause"] = {"stripe_event_id": stripe_event_id, "type": event_type}
-    if extra:
-        data.update(extra)
-    text = json.dumps(data, separators=(",", ":"))
-    payload = json.dumps({"id": row["id"], "seq": row["seq"], "status": row["status"]}, separators=(",", ":"))
+    text, payload = _log_entry(row, previous_status, stripe_event_id, event_type, extra)
     await conn.execute(
         """WITH logged AS (
              INSERT INTO transaction_events
@@ -263,6 +272,63 @@ async def append_event(
         payload,
     )
     return text
+
+
+async def move_and_log(
+    conn: asyncpg.Connection,
+    moved: dict[str, Any],
+    *,
+    previous_status: str | None,
+    stripe_event_id: str | None,
+    event_type: str | None,
+    extra: dict[str, Any] | None = None,
+    finish_event: bool = False,
+) -> None:
+    """Move a locked transaction to `moved` (its next seq), log it and NOTIFY, in one
+    statement; with finish_event, also record stripe_event_id as applied to it.
+
+    `moved` is the whole new row, made by the caller from the locked one, so the pushed
+    JSON can be written in the same round trip as the row.  The schema's guards still
+    check the step: the transactions trigger the transition and the seq growing by one,
+    the log trigger that the row's seq is the transaction's (it sees this statement's
+    update).  A row that is not at seq - 1 moves nothing, and that is an error here."""
+    text, payload = _log_entry(moved, previous_status, stripe_event_id, event_type, extra)
+    logged = await conn.fetchval(
+        """WITH moved AS (
+             UPDATE transactions
+                SET status = $3, last_error = $4, validated = $5, status_at = $6,
+                    amount_refunded = $7, seq = $2, updated_at = $8
+              WHERE id = $1 AND seq = $2 - 1
+          RETURNING id),
+           logged AS (
+             INSERT INTO transaction_events
+                    (transaction_id, seq, status, previous_status, stripe_event_id, event_type, data)
+             SELECT id, $2, $3, $9, $10, $11, $12::json FROM moved
+             RETURNING 1),
+           finished AS (
+             UPDATE stripe_events
+                SET processed_at = clock_timestamp(), outcome = 'applied', transaction_id = $1, error = NULL
+              WHERE $15 AND id = $10 AND EXISTS (SELECT FROM logged)
+          RETURNING 1)
+           SELECT count(pg_notify($13, $14)) FROM logged""",
+        moved["id"],
+        moved["seq"],
+        moved["status"],
+        moved["last_error"],
+        moved["validated"],
+        moved["status_at"],
+        moved["amount_refunded"],
+        moved["updated_at"],
+        previous_status,
+        stripe_event_id,
+        event_type,
+        text,
+        CHANNEL,
+        payload,
+        finish_event,
+    )
+    if logged != 1:
+        raise RuntimeError(f"transaction {moved['id']}: not at seq {moved['seq'] - 1} (moved by someone else?)")
 
 
 async def events_after(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -21,25 +22,41 @@ def _validates(kind: str, status: str) -> bool:
     return kind == "card_validation" and status in ("requires_capture", "succeeded")
 
 
-async def apply(conn: asyncpg.Connection, row: asyncpg.Record, change: Change, *,
-                stripe_event_id: str | None, cause_type: str) -> tuple[bool, asyncpg.Record]:
-    """Apply one change to a locked transaction row; True if anything visible changed."""
+_TICK = timedelta(microseconds=1)
+
+
+def next_row(row: asyncpg.Record | dict[str, Any], move: Change) -> dict[str, Any]:
+    """The row after `move`: what move_and_log writes, and what effects and the log see."""
+    return {
+        **dict(row.items()),
+        "status": move.status,
+        "last_error": move.last_error,
+        "validated": row["validated"] or _validates(row["kind"], move.status),
+        "status_at": max(move.at, row["status_at"]) if row["status_at"] else move.at,
+        "amount_refunded": max(row["amount_refunded"], move.amount_refunded or 0),
+        "seq": row["seq"] + 1,
+        # Our clock, not the database's, so the pushed JSON is written with the row; never
+        # behind the row's last change (the row is locked: no one else moves it meanwhile).
+        "updated_at": max(datetime.now(UTC), row["updated_at"] + _TICK),
+    }
+
+
+
+async def apply(conn: asyncpg.Connection, row: asyncpg.Record | dict[str, Any], change: Change, *,
+                stripe_event_id: str | None, cause_type: str,
+                finish_event: bool = False) -> tuple[bool, asyncpg.Record | dict[str, Any]]:
+    """Apply one change to a locked transaction row; True if anything visible changed.
+    With finish_event, the last move also records stripe_event_id as applied."""
     decision = decide(State(row["status"], row["status_at"], row["last_error"], row["amount_refunded"]),
                       change)
     if decision.touch:
         await store.touch_transaction(conn, row["id"], change.at)
-    for move in decision.moves:
-        moved = await store.move_transaction(
-            conn, row["id"],
-            status=move.status,
-            last_error=move.last_error,
-            validated=row["validated"] or _validates(row["kind"], move.status),
-            status_at=max(move.at, row["status_at"]) if row["status_at"] else move.at,
-            amount_refunded=max(row["amount_refunded"], move.amount_refunded or 0),
-        )
+    for k, move in enumerate(decision.moves):
+        moved = next_row(row, move)
         extra = await effects.after_move(conn, row, moved)
-        await store.append_event(conn, moved, previous_status=row["status"],
-                                 stripe_event_id=stripe_event_id, event_type=cause_type, extra=extra)
+        await store.move_and_log(conn, moved, previous_status=row["status"], stripe_event_id=stripe_event_id,
+                                 event_type=cause_type, extra=extra,
+                                 finish_event=finish_event and k == len(decision.moves) - 1)
         row = moved
     return bool(decision.moves), row
 
@@ -67,19 +84,23 @@ async def lock_for_writing(conn: asyncpg.Connection, txn_id: str) -> None:
     await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", txn_id)
 
 
-async def route_event(conn: asyncpg.Connection, event: dict[str, Any]) -> tuple[str, str | None]:
-    """Find (or create) the transaction a stored event speaks for and apply it."""
-    effect = interpret(event)
+async def route_event(conn: asyncpg.Connection, event: dict[str, Any], effect: Effect | None = None,
+                      locked: asyncpg.Record | None = None) -> tuple[str, str | None, bool]:
+    """Find (or create) the transaction a stored event speaks for and apply it.
+    `effect` and `locked` (its stripe_id's row, already locked) spare the webhook's hot
+    path a repeat; the third value says the event row was already marked applied."""
+    effect = effect or interpret(event)
     if effect.stripe_id is None:
-        return "unrouted", None
-    row = await store.lock_by_stripe_id(conn, effect.stripe_id) or await store.lock_by_link(conn, effect.stripe_id)
+        return "unrouted", None, False
+    row = locked or await store.lock_by_stripe_id(conn, effect.stripe_id) or await store.lock_by_link(
+        conn, effect.stripe_id)
     if row is None and effect.transaction_ref:
         row = await _by_reference(conn, event, effect)
         if row is None:
-            return "parked", effect.transaction_ref
+            return "parked", effect.transaction_ref, False
     if row is None:
         if effect.change is None:
-            return "unrouted", None  # nothing to create a transaction from; kept for operators
+            return "unrouted", None, False  # nothing to create a transaction from; kept for operators
         row = await create(conn, stripe_id=effect.stripe_id, kind=effect.kind, amount=effect.amount,
                            currency=effect.currency, customer_id=effect.customer_id,
                            metadata=effect.metadata, change=effect.change,
@@ -87,7 +108,7 @@ async def route_event(conn: asyncpg.Connection, event: dict[str, Any]) -> tuple[
         if row is not None:
             for stripe_id in effect.links:
                 await store.link(conn, stripe_id, row["id"])
-            return "applied", row["id"]
+            return "applied", row["id"], False
         # Another delivery created it a moment ago: take its lock and apply on top.
         row = await store.lock_by_stripe_id(conn, effect.stripe_id)
         assert row is not None
@@ -95,9 +116,10 @@ async def route_event(conn: asyncpg.Connection, event: dict[str, Any]) -> tuple[
         if stripe_id != row["stripe_id"]:
             await store.link(conn, stripe_id, row["id"])
     if effect.change is None:
-        return "no_change", row["id"]
-    moved, _ = await apply(conn, row, effect.change, stripe_event_id=event["id"], cause_type=event["type"])
-    return ("applied" if moved else "no_change"), row["id"]
+        return "no_change", row["id"], False
+    moved, _ = await apply(conn, row, effect.change, stripe_event_id=event["id"], cause_type=event["type"],
+                           finish_event=True)
+    return ("applied" if moved else "no_change"), row["id"], moved
 
 
 async def _by_reference(conn: asyncpg.Connection, event: dict[str, Any], effect: Effect) -> asyncpg.Record | None:
@@ -121,12 +143,14 @@ async def _by_reference(conn: asyncpg.Connection, event: dict[str, Any], effect:
     return row
 
 
-async def apply_stored_event(conn: asyncpg.Connection, event: dict[str, Any]) -> tuple[str, str | None]:
+async def apply_stored_event(conn: asyncpg.Connection, event: dict[str, Any], effect: Effect | None = None,
+                             locked: asyncpg.Record | None = None) -> tuple[str, str | None]:
     """Route an event already in stripe_events and record its outcome there."""
-    outcome, txn_id = await route_event(conn, event)
-    parked = outcome == "parked"  # txn_id names a row not written yet: no link
-    await store.finish_stripe_event(conn, event["id"], outcome=outcome,
-                                    transaction_id=None if parked else txn_id, processed=not parked)
+    outcome, txn_id, finished = await route_event(conn, event, effect, locked)
+    if not finished:
+        parked = outcome == "parked"  # txn_id names a row not written yet: no link
+        await store.finish_stripe_event(conn, event["id"], outcome=outcome,
+                                        transaction_id=None if parked else txn_id, processed=not parked)
     return outcome, txn_id
 
 

@@ -15,7 +15,7 @@ from paystream import metrics, store, transitions
 from paystream.db import ACQUIRE_TIMEOUT
 from paystream.errors import ApiError
 from paystream.limits import read_limited
-from paystream.stripe_events import MalformedEvent, check_envelope, is_supported
+from paystream.stripe_events import MalformedEvent, check_envelope, interpret, is_supported
 
 log = logging.getLogger("paystream.webhooks")
 
@@ -84,14 +84,18 @@ async def apply_event(pool: asyncpg.Pool, event: dict[str, Any], raw: str,
     """Store and apply one verified event; return its outcome. Commits before returning."""
     try:
         async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn, conn.transaction():
-            stored = await store.record_stripe_event(conn, event, raw, headers)
+            effect = interpret(event) if is_supported(event["type"]) else None
+            # Storing the event and locking its transaction share one round trip: the
+            # webhook is four (BEGIN, this, the move, COMMIT) in the common case.
+            stored, locked = await store.record_and_lock(conn, event, raw, headers,
+                                                         effect.stripe_id if effect else None)
             if stored["processed_at"] is not None or stored["outcome"] == "parked":
                 raise _Duplicate(stored["outcome"])
-            if not is_supported(event["type"]):
+            if effect is None:
                 await store.finish_stripe_event(conn, event["id"], outcome="unsupported",
                                                 error="unsupported event type", processed=False)
                 return "unsupported"
-            outcome, txn_id = await transitions.apply_stored_event(conn, event)
+            outcome, txn_id = await transitions.apply_stored_event(conn, event, effect, locked)
     except _Duplicate:
         log.info("duplicate delivery", extra={"stripe_event_id": event["id"]})
         return "duplicate"
