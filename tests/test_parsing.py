@@ -4,11 +4,13 @@ never a crash (which would be a 500 and, for a webhook, a lost precise answer)."
 from __future__ import annotations
 
 import json
+import time
 
+import stripe
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from paystream import streams, tokens, webhooks
+from paystream import streams, tokens, trigger, webhooks
 from paystream.errors import ApiError
 from paystream.lifecycle import RANK
 from paystream.stripe_events import MalformedEvent, check_envelope, interpret, is_supported
@@ -90,3 +92,48 @@ def test_any_token_text_is_a_grant_or_a_token_error(text: str) -> None:
         tokens.verify("s" * 32, text)
     except tokens.TokenError:
         pass
+
+
+SECRETS = ["whsec_current", "whsec_rotated"]
+
+
+@st.composite
+def signature_headers(draw: st.DrawFn) -> tuple[str, str]:
+    """A body and a Stripe-Signature header: right, rotated or wrong secret, the body as
+    signed or altered, fresh or stale timestamps, extra and reordered entries, or garbage."""
+    body = draw(st.text(max_size=200))
+    if draw(st.integers(0, 5)) == 0:
+        return body, draw(st.text(max_size=80))
+    at = int(time.time()) + draw(st.sampled_from([0, -10, -200, -400, -5000, 30]))
+    secret = draw(st.sampled_from([*SECRETS, "whsec_someone_else"]))
+    signed_text = body if draw(st.booleans()) else body + draw(st.text(min_size=1, max_size=3))
+    good = trigger.sign(signed_text.encode(), secret, at)  # "t=…,v1=…"
+    parts = good.split(",") + draw(st.lists(st.sampled_from(["v0=abc", "v1=deadbeef", "x=1", "t=12"]), max_size=2))
+    return body, ",".join(draw(st.permutations(parts)))
+
+
+@settings(max_examples=400)
+@given(signature_headers())
+def test_verify_accepts_exactly_what_construct_event_accepts(case: tuple[str, str]) -> None:
+    """verify() uses stripe.WebhookSignature.verify_header, the check construct_event
+    makes before building its objects: the two agree on every body and header."""
+    body, header = case
+
+    def construct_event_accepts() -> bool:
+        for secret in SECRETS:
+            try:
+                stripe.Webhook.construct_event(body.encode(), header, secret, tolerance=300, api_key="unused")
+            except stripe.SignatureVerificationError:
+                continue
+            except Exception:  # noqa: BLE001  # signature accepted; building the objects failed
+                return True
+            return True
+        return False
+
+    try:
+        webhooks.verify(body.encode(), header, SECRETS, 300)
+        accepted = True
+    except ApiError as exc:
+        assert exc.status == 400 and exc.code in ("missing_signature", "invalid_signature", "stale_signature")
+        accepted = False
+    assert accepted == construct_event_accepts()

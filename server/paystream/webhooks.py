@@ -36,23 +36,27 @@ class _Duplicate(Exception):
 
 
 def verify(raw: bytes, signature: str | None, secrets: list[str], tolerance: int) -> None:
-    """Accept the body if any configured secret signed it within the tolerance."""
+    """Accept the body if any configured secret signed it within the tolerance.
+
+    The check is stripe-python's own: `stripe.WebhookSignature.verify_header` is the first
+    thing `stripe.Webhook.construct_event` does (the contract names construct_event).  The
+    rest of construct_event builds a StripeObject tree of the whole event, which this
+    handler would throw away (it stores the raw body and parses it once itself): 220 µs of
+    a webhook's ~1 ms of server CPU, against 6.5 µs for the check (S3 profile).  The
+    accept/reject decision is the same; tests/test_parsing.py compares the two."""
     if not signature:
         raise ApiError(400, "missing_signature", "the Stripe-Signature header is missing")
+    try:
+        payload = raw.decode("utf-8")  # Stripe signs the text of the body
+    except UnicodeDecodeError:
+        raise ApiError(400, "malformed_body", "the body is not UTF-8 text") from None
     stale = False
     for secret in secrets:
         try:
-            stripe.Webhook.construct_event(raw, signature, secret, tolerance=tolerance, api_key="unused")
+            stripe.WebhookSignature.verify_header(payload, signature, secret, tolerance)
             return
         except stripe.SignatureVerificationError as exc:  # every header problem lands here too
             stale = stale or "tolerance" in str(exc).lower()
-        except UnicodeDecodeError:
-            raise ApiError(400, "malformed_body", "the body is not UTF-8 text") from None
-        except Exception:  # noqa: BLE001
-            # Anything else comes after the signature matched: construct_event parses, then
-            # builds Stripe objects, and odd bodies fail there in many ways (atheris found a
-            # bare `9`, and a decimal field holding text): it is not a usable event.
-            raise ApiError(400, "malformed_body", "the body is not a JSON Stripe event") from None
     if stale:
         raise ApiError(400, "stale_signature", "the signature's timestamp is outside the tolerance")
     raise ApiError(400, "invalid_signature", "no webhook secret verifies this signature")
