@@ -5,6 +5,8 @@ shape (update + event insert + NOTIFY, no HTTP) measured in the same run.
 Each step sends signed `payment_intent.succeeded` events for seeded `processing`
 transactions at a fixed open-loop rate for a few seconds; a step is sustained when every
 answer is 200, the achieved rate is within 5% of the target and ack p99 stays under 1 s.
+The ladder climbs until a step is not sustained, then bisects between the last sustained
+rate and that one (3 more steps; 2 with --quick).
 
     .venv/bin/python bench/s3_storm.py [--quick]
 """
@@ -47,12 +49,17 @@ async def seed(database_url: str, n: int) -> list[str]:
     return [f"{prefix}{g}" for g in range(1, n + 1)]
 
 
-async def raw_ceiling(database_url: str, writers: int, seconds: float) -> float:
-    """Commits/s of update + event insert + NOTIFY, from `writers` connections."""
+async def raw_ceiling(database_url: str, writers: int, seconds: float, listen: bool = True) -> float:
+    """Commits/s of update + event insert + NOTIFY, from `writers` connections, with one
+    connection LISTENing as paystream's hub does (a NOTIFY that reaches no listener costs
+    Postgres less; the issue's own baseline was measured commit -> listener)."""
     ids = await seed(database_url, int(5000 * seconds))  # more than any writer count gets through
     conns = [await asyncpg.connect(database_url) for _ in range(writers)]
     for c in conns:
         await store.init_connection(c)
+    listener = await asyncpg.connect(database_url)
+    if listen:
+        await listener.add_listener(store.CHANNEL, lambda *_: None)
     done = 0
     stop_at = time.perf_counter() + seconds
     succeeded = Change("succeeded", stripe_now())
@@ -76,6 +83,7 @@ async def raw_ceiling(database_url: str, writers: int, seconds: float) -> float:
     elapsed = time.perf_counter() - t0
     for c in conns:
         await c.close()
+    await listener.close()
     return done / elapsed
 
 
@@ -114,15 +122,30 @@ async def step(server: Server, pis: list[str], rate: float, seconds: float, lane
             "sustained": errors == 0 and achieved >= 0.95 * rate and ack.get("p99", 1e9) < 1000}
 
 
-async def storm(server: Server, database_url: str, rates: list[float], seconds: float) -> list[dict[str, object]]:
-    pis = await seed(database_url, int(sum(rates) * seconds) + 1000)
+async def storm(server: Server, database_url: str, rates: list[float], seconds: float,
+                refine: int) -> list[dict[str, object]]:
+    """Climb the ladder until a step is not sustained, then bisect `refine` times between
+    the last sustained rate and that one: the ladder alone is 20% coarse at the top."""
+    pis = await seed(database_url, int((sum(rates) + refine * max(rates)) * seconds) + 1000)
     steps = []
+    lo, hi = 0.0, None
     for rate in rates:
-        result = await step(server, pis, rate, seconds, lanes=min(128, max(8, int(rate / 10))))
+        result = await step(server, pis, rate, seconds, lanes=lanes_for(rate))
         steps.append(result)
         if not result["sustained"]:
+            hi = rate
             break
+        lo = rate
+    for _ in range(refine if hi is not None and lo else 0):
+        rate = round((lo + hi) / 2)
+        result = await step(server, pis, rate, seconds, lanes=lanes_for(rate))
+        steps.append(result)
+        lo, hi = (rate, hi) if result["sustained"] else (lo, rate)
     return steps
+
+
+def lanes_for(rate: float) -> int:
+    return min(128, max(8, int(rate / 10)))  # keep-alive connections, as Stripe opens several
 
 
 def main() -> int:
@@ -143,7 +166,7 @@ def main() -> int:
         for workers in (1, 2):
             server = Server(database.url, {"PAYSTREAM_DB_POOL": "20"}, args=("--workers", str(workers))).start()
             try:
-                steps = asyncio.run(storm(server, database.url, rates, seconds))
+                steps = asyncio.run(storm(server, database.url, rates, seconds, refine=2 if args.quick else 3))
             finally:
                 server.stop()
             best = max((s["achieved_per_s"] for s in steps if s["sustained"]), default=0.0)
