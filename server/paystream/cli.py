@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import secrets
+import signal
 import sys
 from pathlib import Path
 
@@ -60,9 +61,18 @@ def _secret(name: str) -> str:
     raise SystemExit(f"paystream: {name} is not set (and no dev secrets in {path})")
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def _run_uvicorn(host: str, port: int, workers: int, access_log: bool) -> None:
     import uvicorn
 
+    # uvicorn shuts down gracefully on SIGTERM, then restores the handler it found and
+    # raises the signal again.  With the default handler that kills the process before
+    # atexit runs, so `dev` (or `serve` without DATABASE_URL) left its embedded Postgres
+    # and localstripe running.  This handler makes it a normal exit, status 143 as before.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     uvicorn.run(
         "paystream.app:create_app",
         factory=True,

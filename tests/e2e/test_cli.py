@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
-from paystream import tokens, trigger
+from paystream import harness, tokens, trigger
 from tests.conftest import Server
 from tests.support import Paystream
 
@@ -86,8 +88,37 @@ async def test_sigterm_ends_streams_and_exits_cleanly(database_url: str) -> None
                 server.proc.send_signal(signal.SIGTERM)
                 assert await stream.rest(timeout=15) == []  # the stream ends; the client reconnects
             code = await asyncio.to_thread(server.proc.wait, 20)
-        # uvicorn re-raises the captured SIGTERM once its shutdown is complete
-        assert code in (0, -signal.SIGTERM), server.log_tail()
+        # uvicorn re-raises the captured SIGTERM once its shutdown is complete; paystream
+        # turns it into a normal exit with the shell's code for it (atexit clean-up runs)
+        assert code == 128 + signal.SIGTERM, server.log_tail()
         assert "Application shutdown complete" in server.log_tail()
     finally:
         server.stop()
+
+
+def test_dev_stops_its_postgres_and_localstripe_on_sigterm() -> None:
+    """A process manager stops `paystream dev` with SIGTERM to it alone, not to its
+    process group: the embedded Postgres and localstripe it started stop with it."""
+    import psutil
+
+    data_dir = tempfile.mkdtemp(prefix="ps-dev-")  # short: Postgres' socket path is limited
+    env = {k: v for k, v in clean_env(PAYSTREAM_DATA_DIR=data_dir).items() if k != "STRIPE_API_BASE"}
+    port = harness.free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "paystream", "dev", "--port", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        harness.wait_until_up(proc, f"http://127.0.0.1:{port}/readyz", 60, lambda: f"data in {data_dir}")
+        localstripe = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                       if "localstripe" in " ".join(p.cmdline())]
+        postgres = [p for p in psutil.process_iter(["cmdline"])
+                    if data_dir in " ".join(p.info["cmdline"] or []) and p.pid != proc.pid]
+        assert len(localstripe) == 1 and postgres, "dev started localstripe and an embedded Postgres"
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 128 + signal.SIGTERM  # the shell's code for "ended by SIGTERM"
+        alive = [p for p in localstripe + postgres if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert alive == [], f"left running: {[' '.join(p.cmdline()) for p in alive]}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        shutil.rmtree(data_dir, ignore_errors=True)
