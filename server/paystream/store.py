@@ -289,9 +289,10 @@ async def move_and_log(
 
     `moved` is the whole new row, made by the caller from the locked one, so the pushed
     JSON can be written in the same round trip as the row.  The schema's guards still
-    check the step: the transactions trigger the transition and the seq growing by one,
-    the log trigger that the row's seq is the transaction's (it sees this statement's
-    update).  A row that is not at seq - 1 moves nothing, and that is an error here."""
+    check the step: the transactions trigger checks the transition and that seq grows by
+    one; the log trigger checks that the log row's seq is the transaction's (it sees this
+    statement's update).  A row that is not at seq - 1 moves nothing, and that is an
+    error here."""
     text, payload = _log_entry(moved, previous_status, stripe_event_id, event_type, extra)
     logged = await conn.fetchval(
         """WITH moved AS (

@@ -41,7 +41,6 @@ def next_row(row: asyncpg.Record | dict[str, Any], move: Change) -> dict[str, An
     }
 
 
-
 async def apply(conn: asyncpg.Connection, row: asyncpg.Record | dict[str, Any], change: Change, *,
                 stripe_event_id: str | None, cause_type: str,
                 finish_event: bool = False) -> tuple[bool, asyncpg.Record | dict[str, Any]]:

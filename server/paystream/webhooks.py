@@ -35,8 +35,9 @@ class _Duplicate(Exception):
         self.outcome = outcome
 
 
-def verify(raw: bytes, signature: str | None, secrets: list[str], tolerance: int) -> None:
-    """Accept the body if any configured secret signed it within the tolerance.
+def verify(raw: bytes, signature: str | None, secrets: list[str], tolerance: int) -> str:
+    """Accept the body if any configured secret signed it within the tolerance, and return
+    it as the text that was signed (what stripe_events.raw_body keeps).
 
     The check is stripe-python's own: `stripe.WebhookSignature.verify_header` is the first
     thing `stripe.Webhook.construct_event` does (the contract names construct_event).  The
@@ -54,7 +55,7 @@ def verify(raw: bytes, signature: str | None, secrets: list[str], tolerance: int
     for secret in secrets:
         try:
             stripe.WebhookSignature.verify_header(payload, signature, secret, tolerance)
-            return
+            return payload
         except stripe.SignatureVerificationError as exc:  # every header problem lands here too
             stale = stale or "tolerance" in str(exc).lower()
     if stale:
@@ -65,8 +66,8 @@ def verify(raw: bytes, signature: str | None, secrets: list[str], tolerance: int
 async def handle(request: Request) -> JSONResponse:
     settings = request.app.state.settings
     raw = await read_limited(request, settings.max_body_bytes)
-    verify(raw, request.headers.get("stripe-signature"), settings.webhook_secrets,
-           settings.webhook_tolerance_seconds)
+    text = verify(raw, request.headers.get("stripe-signature"), settings.webhook_secrets,
+                  settings.webhook_tolerance_seconds)
     try:
         event = json.loads(raw)
         check_envelope(event)
@@ -75,7 +76,7 @@ async def handle(request: Request) -> JSONResponse:
         raise ApiError(400, "malformed_body", str(exc) if isinstance(exc, MalformedEvent)
                        else "the body is not JSON") from None
     headers = {k: v for k, v in request.headers.items() if k in _KEPT_HEADERS}
-    outcome = await apply_event(request.app.state.pool, event, raw.decode(), headers)
+    outcome = await apply_event(request.app.state.pool, event, text, headers)
     metrics.WEBHOOKS.labels(outcome).inc()
     if outcome == "unsupported":
         raise ApiError(400, "unsupported_event_type",
