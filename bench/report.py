@@ -39,9 +39,10 @@ def targets(sse: dict | None, s1s: list[dict], storms: list[dict]) -> list[str]:
         return []
     out = ["## Targets", "", row("target", "result", "met"), row("---", "---", "---")]
 
-    def add(name: str, value: float, limit: float, unit: str, at_most: bool = True, full: bool = True) -> None:
+    def add(name: str, value: float, limit: float, unit: str, at_most: bool = True, full: bool = True,
+            why: str = "the target is for 10,000") -> None:
         ok = value <= limit if at_most else value >= limit
-        verdict = ("yes" if ok else "**no**") if full else "not judged: a --quick run (the target is for 10,000)"
+        verdict = ("yes" if ok else "**no**") if full else f"not judged: a --quick run ({why})"
         out.append(row(f"{name} {'≤' if at_most else '≥'} {limit}{unit}", f"{value}{unit}", verdict))
 
     if sse is not None:
@@ -55,8 +56,11 @@ def targets(sse: dict | None, s1s: list[dict], storms: list[dict]) -> list[str]:
             d["server_rss_kb_per_idle_connection"], 30, " KB", full=d["subscribers"] >= 10000)
     if storms:
         best = max(storms, key=lambda d: d["share_of_raw_ceiling"])
+        # A 2 s step is absorbed by queues that a sustained rate would overflow: judge only
+        # the full run's 6 s steps (runs from before step_seconds was recorded were full).
         add(f"S3 share of the raw Postgres ceiling (best: {best['workers']} worker(s))",
-            best["share_of_raw_ceiling"], 0.6, "", at_most=False)
+            best["share_of_raw_ceiling"], 0.6, "", at_most=False, full=best.get("step_seconds", 6.0) >= 6.0,
+            why="2 s steps flatter the sustained rate")
     return [*out, ""]
 
 

@@ -170,7 +170,8 @@ def main() -> int:
             finally:
                 server.stop()
             best = max((s["achieved_per_s"] for s in steps if s["sustained"]), default=0.0)
-            lines.append({"bench": "s3_storm", "workers": workers, "sustained_webhooks_per_s": best,
+            lines.append({"bench": "s3_storm", "workers": workers, "step_seconds": seconds,
+                          "sustained_webhooks_per_s": best,
                           "raw_postgres_commits_per_s": ceiling, "share_of_raw_ceiling": round(best / max(ceiling.values()), 2),
                           "steps": steps, "machine": machine()})
     finally:
