@@ -76,10 +76,12 @@ test("waitFor rejects a decline pushed while waiting, with last_error", async ()
   const first = new Promise((r) => { seen = r; });
   const waiting = waitFor(pi, { baseUrl: ps.url, token: ps.token(pi), timeoutMs: 10000, onUpdate: () => seen() });
   await first;
+  // The rejection can land before send() returns: watch for it first.
+  const rejected = assert.rejects(waiting, (err) => err instanceof PaystreamError && err.code === "declined"
+    && err.transaction.last_error.code === "card_declined");
   await ps.send("payment_intent.payment_failed", pi, { status: "requires_payment_method", created: t + 1,
     lastError: { code: "card_declined", message: "Your card was declined." } });
-  await assert.rejects(waiting, (err) => err instanceof PaystreamError && err.code === "declined"
-    && err.transaction.last_error.code === "card_declined");
+  await rejected;
 });
 
 test("waitFor rejects on a cancel, a timeout, a refused or a foreign token", async () => {
