@@ -49,7 +49,7 @@ def paystream(clients: int = 0, pg: str = "system", **env: str) -> Iterator[tupl
     side; removed afterwards. `clients` raises the per-address stream limit above it."""
     import uvloop
 
-    from paystream.harness import FreshDatabase, Server
+    from tests.harness import FreshDatabase, Server
 
     database = FreshDatabase(pg)
     if clients:

@@ -23,13 +23,15 @@ from pathlib import Path
 import asyncpg
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # bench/, and the root for tests.harness
 
 from clients import HttpGetter, SSEStream, WebhookSender  # noqa: E402
 from common import machine, paystream, save, summary  # noqa: E402
 
-from paystream import store, tokens, trigger  # noqa: E402
-from paystream.harness import Server  # noqa: E402
+from paystream.auth import tokens  # noqa: E402
+from paystream.changes import store  # noqa: E402
+from paystream.dev import trigger  # noqa: E402
+from tests.harness import Server  # noqa: E402
 
 
 async def seed(database_url: str, n: int) -> list[str]:

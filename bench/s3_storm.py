@@ -22,14 +22,15 @@ from pathlib import Path
 
 import asyncpg
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # bench/, and the root for tests.harness
 
 from clients import WebhookSender  # noqa: E402
 from common import machine, save, summary  # noqa: E402
 
-from paystream import store, transitions, trigger  # noqa: E402
-from paystream.harness import FreshDatabase, Server  # noqa: E402
-from paystream.lifecycle import Change, stripe_now  # noqa: E402
+from paystream.changes import store, transitions  # noqa: E402
+from paystream.changes.lifecycle import Change, stripe_now  # noqa: E402
+from paystream.dev import trigger  # noqa: E402
+from tests.harness import FreshDatabase, Server  # noqa: E402
 
 
 async def seed(database_url: str, n: int) -> list[str]:

@@ -20,15 +20,16 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # bench/, and the root for tests.harness
 
 from clients import HttpGetter, WebhookSender  # noqa: E402
 from common import machine, paystream, save, summary  # noqa: E402
 from s1_waiting import db_rate, seed  # noqa: E402
-from s1_waiting import run as run_push
+from s1_waiting import run as run_push  # noqa: E402
 
-from paystream import tokens, trigger  # noqa: E402
-from paystream.harness import Server, free_port  # noqa: E402
+from paystream.auth import tokens  # noqa: E402
+from paystream.dev import trigger  # noqa: E402
+from tests.harness import Server, free_port  # noqa: E402
 
 IDLE_WINDOW = 5.0
 

@@ -18,13 +18,14 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # bench/, and the root for tests.harness
 
 from clients import SSEStream, WebhookSender  # noqa: E402
 from common import machine, save, summary  # noqa: E402
 
-from paystream import tokens, trigger  # noqa: E402
-from paystream.harness import FreshDatabase, Server  # noqa: E402
+from paystream.auth import tokens  # noqa: E402
+from paystream.dev import trigger  # noqa: E402
+from tests.harness import FreshDatabase, Server  # noqa: E402
 
 
 async def run(server: Server, events: int, concurrency: int) -> dict[str, object]:

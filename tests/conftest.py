@@ -10,9 +10,9 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from paystream import harness
-from paystream.harness import SYSTEM_PG, FreshDatabase, system_reachable
-from paystream.localstripe import LocalStripe
+from paystream.dev.localstripe import LocalStripe
+from tests import harness
+from tests.harness import SYSTEM_PG, FreshDatabase, system_reachable
 from tests.support import Paystream
 
 BACKENDS = [b.strip() for b in os.environ.get("PAYSTREAM_TEST_PG", "system,embedded").split(",") if b.strip()]
@@ -45,7 +45,8 @@ def local_stripe() -> Iterator[LocalStripe]:
 
 @pytest.fixture(scope="session")
 def server(database_url: str, local_stripe: LocalStripe) -> Iterator[Server]:
-    srv = Server(database_url, {"PAYSTREAM_SSE_PING": "1", "STRIPE_API_BASE": local_stripe.url}).start()
+    srv = Server(database_url, {"PAYSTREAM_SSE_PING": "1", "STRIPE_API_BASE": local_stripe.url,
+                                **harness.EXAMPLES_ENV}).start()
     # localstripe posts every event to every registered URL: this run's server takes over.
     local_stripe.register_webhook(f"{srv.base_url}/v1/stripe/webhook", srv.webhook_secret)
     yield srv
@@ -54,7 +55,7 @@ def server(database_url: str, local_stripe: LocalStripe) -> Iterator[Server]:
 
 @pytest.fixture
 async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    from paystream.store import init_connection
+    from paystream.changes.store import init_connection
 
     conn = await asyncpg.connect(database_url)
     await init_connection(conn)

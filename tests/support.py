@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from paystream import tokens, trigger
+from paystream.auth import tokens
+from paystream.dev import trigger
 
 if TYPE_CHECKING:
     from tests.conftest import Server

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 
-from paystream.gc_tuning import GcTuning
+from paystream.ops.gc_tuning import GcTuning
 
 
 class Node:

@@ -21,12 +21,12 @@ async def test_readyz_is_503_while_the_listener_cannot_reconnect(database_url: s
 
             assert await status() == 200
             hub = app.state.hub
-            hub._dsn = "postgresql://postgres@127.0.0.1:1/nowhere"  # every reconnect now fails
-            await db.execute("SELECT pg_terminate_backend($1)", hub._conn.get_server_pid())
+            hub.listener._dsn = "postgresql://postgres@127.0.0.1:1/nowhere"  # every reconnect now fails
+            await db.execute("SELECT pg_terminate_backend($1)", hub.listener._conn.get_server_pid())
             await wait_until(lambda: _is(status, 503), timeout=5, what="/readyz to report the dead listener")
             body = (await client.get("/readyz")).json()
-            assert body["checks"] == {"database": True, "listener": False}
-            hub._dsn = database_url
+            assert body["checks"] == {"database": True, "listener": False, "schema": True}
+            hub.listener._dsn = database_url
             await wait_until(lambda: _is(status, 200), timeout=10, what="the listener to come back")
 
 

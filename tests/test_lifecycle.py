@@ -9,7 +9,15 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from paystream.lifecycle import FINAL, RANK, STATUSES, Change, State, decide, transition_allowed
+from paystream.changes.lifecycle import (
+    FINAL,
+    RANK,
+    STATUSES,
+    Change,
+    State,
+    decide,
+    transition_allowed,
+)
 
 T0 = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
 DECLINE = {"code": "card_declined"}

@@ -10,10 +10,13 @@ import stripe
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from paystream import streams, tokens, trigger, webhooks
+from paystream.auth import tokens
+from paystream.changes.lifecycle import RANK
+from paystream.dev import trigger
 from paystream.errors import ApiError
-from paystream.lifecycle import RANK
-from paystream.stripe_events import MalformedEvent, check_envelope, interpret, is_supported
+from paystream.ingest import webhooks
+from paystream.ingest.stripe_events import MalformedEvent, check_envelope, interpret, is_supported
+from paystream.push import streams
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**63), 2**63) | st.floats(allow_nan=False) | st.text(max_size=20),
@@ -47,14 +50,14 @@ def test_any_signed_event_is_read_or_refused_never_crashes(event: dict) -> None:
         return  # refused precisely (ids with NUL, say): a 400, not a crash
     if not is_supported(event["type"]):
         return
-    effect = interpret(event)
-    assert effect.stripe_id is None or isinstance(effect.stripe_id, str)
-    assert isinstance(effect.amount, int) and effect.amount >= 0
-    assert isinstance(effect.currency, str) and len(effect.currency) == 3 and effect.currency.islower()
-    assert isinstance(effect.metadata, dict)
-    if effect.change is not None:
-        assert effect.change.status in RANK
-        json.dumps(effect.change.last_error)  # storable
+    meaning = interpret(event)
+    assert meaning.stripe_id is None or isinstance(meaning.stripe_id, str)
+    assert isinstance(meaning.amount, int) and meaning.amount >= 0
+    assert isinstance(meaning.currency, str) and len(meaning.currency) == 3 and meaning.currency.islower()
+    assert isinstance(meaning.metadata, dict)
+    if meaning.change is not None:
+        assert meaning.change.status in RANK
+        json.dumps(meaning.change.last_error)  # storable
 
 
 @given(json_values)
@@ -79,7 +82,7 @@ def test_any_body_and_signature_header_gets_a_precise_400(body: bytes, header: s
 
 @given(st.text(max_size=30))
 def test_stream_parameters(value: str) -> None:
-    for parse in (lambda v: streams._cursor(v, "x"), lambda v: streams._flag(v, "x")):
+    for parse in (lambda v: streams.cursor(v, "x"), lambda v: streams.flag(v, "x")):
         try:
             parse(value)
         except ApiError as exc:

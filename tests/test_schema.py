@@ -8,8 +8,8 @@ import json
 import asyncpg
 import pytest
 
-from paystream import store
-from paystream.lifecycle import STATUSES, transition_allowed
+from paystream.changes import store
+from paystream.changes.lifecycle import STATUSES, transition_allowed
 
 
 async def test_sql_and_python_agree_on_every_transition(db: asyncpg.Connection) -> None:
@@ -83,8 +83,22 @@ async def test_pushed_json_is_kept_byte_for_byte(db: asyncpg.Connection) -> None
 
 
 async def test_migrations_are_recorded_and_idempotent(database_url: str, db: asyncpg.Connection) -> None:
-    from paystream.db import migrate, migration_files
+    from paystream.db import migrate, migration_files, missing_migrations
+    from tests.harness import EXAMPLE_MIGRATIONS
 
-    assert await migrate(database_url) == []
-    versions = [r["version"] for r in await db.fetch("SELECT version FROM paystream_schema_version ORDER BY 1")]
-    assert versions == [v for v, _, _ in migration_files()]
+    assert await migrate(database_url, EXAMPLE_MIGRATIONS) == []
+    versions = [r["version"] for r in await db.fetch(
+        "SELECT version FROM paystream_schema_version WHERE component = 'paystream' ORDER BY 1")]
+    assert versions == [m.version for m in migration_files()]
+    assert await missing_migrations(db, EXAMPLE_MIGRATIONS) == []
+    examples = {r["component"] for r in await db.fetch("SELECT component FROM paystream_schema_version")}
+    assert examples == {"paystream", *EXAMPLE_MIGRATIONS}
+
+
+async def test_a_database_behind_the_code_names_what_it_lacks(db: asyncpg.Connection, tmp_path) -> None:  # noqa: ANN001
+    from paystream.db import missing_migrations
+
+    extra = tmp_path / "migrations"
+    extra.mkdir()
+    (extra / "001_later.sql").write_text("SELECT 1")
+    assert await missing_migrations(db, {"later": extra}) == ["later/001_later.sql"]

@@ -7,8 +7,9 @@ import json
 import asyncpg
 import pytest
 
-from paystream import store, transitions, trigger
-from paystream.lifecycle import Change, stripe_now
+from paystream.changes import store, transitions
+from paystream.changes.lifecycle import Change, stripe_now
+from paystream.dev import trigger
 
 
 async def _new(db: asyncpg.Connection) -> asyncpg.Record:

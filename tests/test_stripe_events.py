@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from paystream.stripe_events import MalformedEvent, check_envelope, interpret, is_supported
+from paystream.ingest.stripe_events import MalformedEvent, check_envelope, interpret, is_supported
 from tests.support import fixture_event
 
 
@@ -23,28 +23,28 @@ from tests.support import fixture_event
 def test_payment_intent_events(name: str, status: str) -> None:
     event = fixture_event(name)
     check_envelope(event)
-    effect = interpret(event)
+    meaning = interpret(event)
     obj = event["data"]["object"]
     if obj.get("invoice"):  # an invoice's PaymentIntent speaks for the invoice
-        assert (effect.stripe_id, effect.links, effect.kind) == (obj["invoice"], (obj["id"],), "invoice")
+        assert (meaning.stripe_id, meaning.links, meaning.kind) == (obj["invoice"], (obj["id"],), "invoice")
     else:
-        assert effect.stripe_id == obj["id"]
-    assert effect.change is not None and effect.change.status == status
-    assert effect.amount == event["data"]["object"]["amount"]
-    assert effect.change.declined == name.startswith("payment_intent.payment_failed")
+        assert meaning.stripe_id == obj["id"]
+    assert meaning.change is not None and meaning.change.status == status
+    assert meaning.amount == event["data"]["object"]["amount"]
+    assert meaning.change.declined == name.startswith("payment_intent.payment_failed")
 
 
 def test_a_decline_carries_stripes_error() -> None:
-    effect = interpret(fixture_event("payment_intent.payment_failed__stripe-ruby-mock"))
-    assert effect.change is not None and effect.change.last_error is not None
-    assert effect.change.last_error["code"] == "card_declined"
+    meaning = interpret(fixture_event("payment_intent.payment_failed__stripe-ruby-mock"))
+    assert meaning.change is not None and meaning.change.last_error is not None
+    assert meaning.change.last_error["code"] == "card_declined"
 
 
 def test_charges_route_to_their_payment_intent() -> None:
     event = fixture_event("charge.succeeded__zulip")
-    effect = interpret(event)
-    assert effect.stripe_id == event["data"]["object"]["payment_intent"]
-    assert effect.change is not None and effect.change.status == "succeeded"
+    meaning = interpret(event)
+    assert meaning.stripe_id == event["data"]["object"]["payment_intent"]
+    assert meaning.change is not None and meaning.change.status == "succeeded"
 
 
 def test_full_refund_and_partial_refund() -> None:
@@ -63,9 +63,9 @@ def test_releasing_an_uncaptured_authorisation_is_not_a_refund() -> None:
 
 def test_dispute_names_the_payment_intent() -> None:
     event = fixture_event("charge.dispute.created__zulip")
-    effect = interpret(event)
-    assert effect.stripe_id == event["data"]["object"]["payment_intent"]
-    assert effect.change is not None and effect.change.status == "disputed"
+    meaning = interpret(event)
+    assert meaning.stripe_id == event["data"]["object"]["payment_intent"]
+    assert meaning.change is not None and meaning.change.status == "disputed"
 
 
 def test_charge_failed_moves_nothing_payment_failed_reports_it() -> None:
@@ -92,10 +92,10 @@ def test_supported_families() -> None:
 
 def test_invoice_events_and_their_payment_intents() -> None:
     paid = fixture_event("invoice.paid__stripe-ruby-mock")
-    effect = interpret(paid)
+    meaning = interpret(paid)
     invoice = paid["data"]["object"]
-    assert (effect.stripe_id, effect.kind, effect.change.status) == (invoice["id"], "invoice", "succeeded")
-    assert effect.links == (invoice["payment_intent"],)
+    assert (meaning.stripe_id, meaning.kind, meaning.change.status) == (invoice["id"], "invoice", "succeeded")
+    assert meaning.links == (invoice["payment_intent"],)
     # API 2025-03-31+: no invoice.payment_intent; the payments list names them
     invoice.pop("payment_intent")
     invoice["payments"] = {"data": [{"payment": {"type": "payment_intent", "payment_intent": "pi_new"}}]}
@@ -105,11 +105,11 @@ def test_invoice_events_and_their_payment_intents() -> None:
 
 
 def test_refund_failures_keep_the_status_and_show_the_error() -> None:
-    effect = interpret(fixture_event("charge.refund.updated__zulip"))
-    assert effect.change is not None and effect.change.refund_error["failure_reason"] == "expired_or_canceled_card"
+    meaning = interpret(fixture_event("charge.refund.updated__zulip"))
+    assert meaning.change is not None and meaning.change.refund_error["failure_reason"] == "expired_or_canceled_card"
     assert interpret(fixture_event("refund.updated__supabase-sync-engine")).change is None
 
 
 def test_setup_intents_are_card_validations() -> None:
-    effect = interpret(fixture_event("setup_intent.succeeded__stripe-ruby-mock"))
-    assert (effect.kind, effect.change.status) == ("card_validation", "succeeded")
+    meaning = interpret(fixture_event("setup_intent.succeeded__stripe-ruby-mock"))
+    assert (meaning.kind, meaning.change.status) == ("card_validation", "succeeded")

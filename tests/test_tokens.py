@@ -5,7 +5,7 @@ import time
 import jwt
 import pytest
 
-from paystream import tokens
+from paystream.auth import tokens
 
 SECRET = "s" * 32
 

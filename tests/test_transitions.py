@@ -9,8 +9,10 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from paystream import store, transitions, trigger, webhooks
-from paystream.lifecycle import BEFORE_STRIPE, Change
+from paystream.changes import store, transitions
+from paystream.changes.lifecycle import BEFORE_STRIPE, Change
+from paystream.dev import trigger
+from paystream.ingest import webhooks
 
 
 @pytest.fixture

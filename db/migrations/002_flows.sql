@@ -1,14 +1,10 @@
 -- Payment flows: creating transactions through our API, linking further Stripe objects,
--- early events, refund amounts, and the side effects a success routes to.  Every side
--- effect has a unique key, so no replay, reorder or race can apply it twice.
+-- early events, refund amounts, and the built-in effects' tables (wallet ledger, outbox).
+-- Every effect's row has a unique key, so no replay, reorder or race can apply it twice.
+-- (A merchant's own effects bring their own migrations: see examples/.)
 
 ALTER TABLE transactions
-  ADD COLUMN amount_refunded bigint NOT NULL DEFAULT 0 CHECK (amount_refunded >= 0),
-  -- What a success does, decided once from the metadata: transaction (plain payment),
-  -- contract, ad_sale, wallet, or unrouted (metadata we do not understand; kept for operators).
-  ADD COLUMN route text NOT NULL DEFAULT 'transaction'
-    CHECK (route IN ('transaction', 'contract', 'ad_sale', 'wallet', 'unrouted'));
-CREATE INDEX transactions_unrouted_idx ON transactions (created_at) WHERE route = 'unrouted';
+  ADD COLUMN amount_refunded bigint NOT NULL DEFAULT 0 CHECK (amount_refunded >= 0);
 CREATE INDEX transactions_stuck_idx ON transactions (updated_at)
   WHERE status IN ('processing', 'requires_action', 'requires_capture');
 
@@ -37,43 +33,6 @@ CREATE TABLE parked_events (
   parked_at       timestamptz NOT NULL DEFAULT clock_timestamp()
 );
 CREATE INDEX parked_events_txn_idx ON parked_events (transaction_id);
-
--- The design-review platform: each $150 purchase grants 2 extra revisions to a contract.
-CREATE TABLE contract_purchases (
-  payment_intent_id text PRIMARY KEY,
-  contract_id       text NOT NULL,
-  transaction_id    text NOT NULL UNIQUE REFERENCES transactions (id),
-  revisions         integer NOT NULL CHECK (revisions >= 0),
-  amount            bigint NOT NULL,
-  created_at        timestamptz NOT NULL DEFAULT clock_timestamp()
-);
-CREATE INDEX contract_purchases_contract_idx ON contract_purchases (contract_id);
-CREATE TABLE contract_usage (
-  contract_id text PRIMARY KEY,
-  used        integer NOT NULL DEFAULT 0 CHECK (used >= 0)
-);
-CREATE VIEW contract_revisions AS
-  SELECT c.contract_id,
-         3 AS included,
-         coalesce(p.purchased, 0)::integer AS purchased,
-         coalesce(u.used, 0) AS used,
-         (3 + coalesce(p.purchased, 0) - coalesce(u.used, 0))::integer AS available
-    FROM (SELECT contract_id FROM contract_purchases UNION SELECT contract_id FROM contract_usage) c
-    LEFT JOIN (SELECT contract_id, sum(revisions) AS purchased FROM contract_purchases GROUP BY 1) p
-           USING (contract_id)
-    LEFT JOIN contract_usage u USING (contract_id);
-
--- Sales made on an external landing page: acknowledged and kept, nothing else.
-CREATE TABLE ad_sales (
-  payment_intent_id text PRIMARY KEY,
-  transaction_id    text NOT NULL UNIQUE REFERENCES transactions (id),
-  advertiser_id     text NOT NULL,
-  size_id           text NOT NULL,
-  publication_id    text NOT NULL,
-  amount            bigint NOT NULL,
-  currency          text NOT NULL,
-  created_at        timestamptz NOT NULL DEFAULT clock_timestamp()
-);
 
 -- Double-entry ledger for wallet top-ups: append-only, every entry group sums to zero
 -- (checked at commit), a correction is a reversing group, never an edit.

@@ -1,4 +1,4 @@
-"""`paystream …`: dev, serve, migrate, token, trigger."""
+"""`paystream …`: dev, serve, migrate, reconcile, events, token, trigger."""
 
 from __future__ import annotations
 
@@ -10,8 +10,12 @@ import secrets
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from paystream import __version__
+
+if TYPE_CHECKING:
+    from paystream.effects import Effects
 
 DEV_SECRETS_FILE = "dev-secrets.json"
 
@@ -65,7 +69,48 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
-def _run_uvicorn(host: str, port: int, workers: int, access_log: bool) -> None:
+def _effects_or_exit(command: str, url: str | None = None) -> Effects:
+    """The configured effects, or exit 2 with one line naming the one that cannot load
+    (with `url`, a SQL effect's function must exist there too)."""
+    from paystream import effects
+    from paystream.config import Settings
+
+    try:
+        active = effects.Effects(effects.load(Settings().effects))
+        if url:
+            asyncio.run(_check_sql_effects(active, url))
+    except effects.EffectLoadError as exc:
+        print(f"paystream {command}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return active
+
+
+async def _check_sql_effects(active: Effects, url: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(url, timeout=10)
+    try:
+        await active.check(conn)
+    finally:
+        await conn.close()
+
+
+def _examples_root() -> Path | None:
+    """The checkout whose examples/ `paystream dev` enables (none from a bare wheel)."""
+    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        if (root / "examples" / "contract_revisions" / "__init__.py").is_file():
+            return root
+    return None
+
+
+# The examples `paystream dev` enables, and the SQL example's migrations (a Python
+# effect carries its own; a SQL function's schema is the merchant's to apply).
+DEV_EFFECTS = "examples.contract_revisions:effect,sql:public.ad_sales_on_status"
+DEV_SQL_MIGRATIONS = {"ad_sales": Path("examples") / "ad_sales" / "migrations"}
+
+
+def _run_uvicorn(host: str, port: int, workers: int, access_log: bool,
+                 factory: str = "paystream.app:create_app") -> None:
     import uvicorn
 
     # uvicorn shuts down gracefully on SIGTERM, then restores the handler it found and
@@ -74,7 +119,7 @@ def _run_uvicorn(host: str, port: int, workers: int, access_log: bool) -> None:
     # and localstripe running.  This handler makes it a normal exit, status 143 as before.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     uvicorn.run(
-        "paystream.app:create_app",
+        factory,
         factory=True,
         host=host,
         port=port,
@@ -98,7 +143,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if missing:
         print(f"paystream serve: refusing to start: {', '.join(missing)} not set", file=sys.stderr)
         return 2
-    _database_url(announce=True)
+    url = _database_url(announce=True)
+    _effects_or_exit("serve", url)
     _run_uvicorn(args.host or os.environ.get("HOST", "127.0.0.1"),
                  args.port or int(os.environ.get("PORT", "8000")), args.workers, args.access_log)
     return 0
@@ -107,17 +153,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_dev(args: argparse.Namespace) -> int:
     for name, value in _dev_secrets().items():
         os.environ.setdefault(name, value)
-    os.environ["PAYSTREAM_DEMO"] = "1"
     url = _database_url(announce=True)
     from paystream import db
 
-    asyncio.run(db.migrate(url))
+    examples = _examples_root()
+    extra: dict[str, Path] = {}
+    if examples is not None:
+        sys.path.insert(0, str(examples))
+        os.environ.setdefault("PAYSTREAM_EFFECTS", DEV_EFFECTS)
+        extra = {name: examples / folder for name, folder in DEV_SQL_MIGRATIONS.items()}
+    active = _effects_or_exit("dev")
+    asyncio.run(db.migrate(url, {**active.migrations(), **extra}))
     host, port = args.host, args.port
     base = f"http://{host}:{port}"
     stripe_line = f"  Stripe         {os.environ.get('STRIPE_API_BASE', 'api.stripe.com')}"
     if not os.environ.get("STRIPE_API_BASE"):
-        from paystream.harness import free_port
-        from paystream.localstripe import LocalStripe
+        from paystream.dev.localstripe import LocalStripe
+        from paystream.dev.processes import free_port
 
         local = LocalStripe(free_port(), _data_dir()).start()
         local.register_webhook(f"{base}/v1/stripe/webhook", os.environ["STRIPE_WEBHOOK_SECRET"].split(",")[0])
@@ -131,6 +183,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
             f"  webhook        {base}/v1/stripe/webhook",
             f"  database       {db.redact(url)}",
             stripe_line,
+            f"  effects        {', '.join(active.names)}",
             f"  API key        {os.environ['PAYSTREAM_API_KEY']}",
             f"  webhook secret {os.environ['STRIPE_WEBHOOK_SECRET']}",
             "",
@@ -139,7 +192,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
         ]),
         flush=True,
     )
-    _run_uvicorn(host, port, 1, access_log=True)
+    _run_uvicorn(host, port, 1, access_log=True, factory="paystream.dev.demo:create_app")
     return 0
 
 
@@ -148,8 +201,8 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
     from paystream import db
     from paystream.config import Settings
-    from paystream.recovery import Recovery, Report
-    from paystream.stripe_api import StripeApi
+    from paystream.payments.recovery import Recovery, Report
+    from paystream.payments.stripe_api import StripeApi
 
     settings = Settings()
     if not settings.stripe_api_key:
@@ -174,7 +227,8 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
 
 def cmd_events(args: argparse.Namespace) -> int:
-    from paystream import db, webhooks
+    from paystream import db
+    from paystream.ingest import webhooks
 
     url = _database_url(announce=False)
     where = {
@@ -215,15 +269,25 @@ def cmd_events(args: argparse.Namespace) -> int:
 def cmd_migrate(args: argparse.Namespace) -> int:
     from paystream import db
 
+    extra = {}
+    for spec in args.dir:
+        name, _, folder = spec.rpartition("=")
+        path = Path(folder)
+        extra[name or (path.resolve().parent.name if path.name == "migrations" else path.name)] = path
+    active = _effects_or_exit("migrate")
     url = _database_url(announce=True)
-    applied = asyncio.run(db.migrate(url))
+    try:
+        applied = asyncio.run(db.migrate(url, {**active.migrations(), **extra}))
+    except RuntimeError as exc:
+        print(f"paystream migrate: {exc}", file=sys.stderr)
+        return 2
     print(f"paystream migrate: applied {', '.join(applied)}" if applied else
           "paystream migrate: schema is up to date")
     return 0
 
 
 def cmd_token(args: argparse.Namespace) -> int:
-    from paystream import tokens
+    from paystream.auth import tokens
 
     if not args.txn and not args.cus:
         print("paystream token: give --txn ID (repeatable) or --cus CUSTOMER", file=sys.stderr)
@@ -237,7 +301,7 @@ def cmd_token(args: argparse.Namespace) -> int:
 def cmd_trigger(args: argparse.Namespace) -> int:
     import httpx
 
-    from paystream import trigger
+    from paystream.dev import trigger
 
     metadata = dict(kv.split("=", 1) for kv in args.metadata)
     try:
@@ -261,7 +325,7 @@ def cmd_trigger(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from paystream.trigger import TRIGGERABLE
+    from paystream.dev.trigger import TRIGGERABLE
 
     parser = argparse.ArgumentParser(
         prog="paystream",
@@ -291,9 +355,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--access-log", action="store_true", help="log every request")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("migrate", help="apply the schema in db/migrations",
-                       description="Apply every migration in db/migrations not yet recorded in "
-                       "paystream_schema_version (DATABASE_URL, or the embedded Postgres).")
+    p = sub.add_parser("migrate", help="apply the schema: paystream's, and its effects'",
+                       description="Apply every migration not yet recorded in paystream_schema_version "
+                       "(DATABASE_URL, or the embedded Postgres): paystream's own (db/migrations, "
+                       "carried inside the package), then those of each effect that brings a "
+                       "`migrations` folder (PAYSTREAM_EFFECTS), then each --dir. `paystream serve` "
+                       "does not migrate: it answers /readyz 503, naming what is missing, until this ran.")
+    p.add_argument("--dir", action="append", default=[], metavar="[NAME=]DIR",
+                   help="also apply the numbered *.sql files in DIR, recorded as component NAME "
+                        "(default: the folder's name, or its parent's if it is called migrations)")
     p.set_defaults(func=cmd_migrate)
 
     p = sub.add_parser("reconcile", help="re-check stuck transactions with Stripe once, now",

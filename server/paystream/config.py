@@ -38,11 +38,12 @@ class Settings(BaseSettings):
     max_header_bytes: int = Field(default=16 * 1024, alias="PAYSTREAM_MAX_HEADER_BYTES")
     long_poll_max_seconds: float = 60.0
     db_pool_size: int = Field(default=10, alias="PAYSTREAM_DB_POOL")
-    # Serve the /demo checkout (unauthenticated: `paystream dev` only).
-    demo: bool = Field(default=False, alias="PAYSTREAM_DEMO")
     # The sweeper re-checks processing / requires_action transactions older than this.
     stuck_after_seconds: float = Field(default=900, alias="PAYSTREAM_STUCK_AFTER")
     recovery_interval_seconds: float = Field(default=60, alias="PAYSTREAM_RECOVERY_INTERVAL")
+    # Merchant effects, comma-separated: module:attribute or sql:schema.function (see
+    # paystream.effects); the built-ins and installed entry points run as well.
+    effects: str | None = Field(default=None, alias="PAYSTREAM_EFFECTS")
 
     @property
     def webhook_secrets(self) -> list[str]:

@@ -5,23 +5,54 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
 
-from paystream.store import init_connection
+from paystream.changes.store import init_connection
 
 log = logging.getLogger("paystream.db")
 
-MIGRATIONS_DIR = Path(
-    os.environ.get("PAYSTREAM_MIGRATIONS", Path(__file__).resolve().parents[2] / "db" / "migrations")
-)
+CORE = "paystream"  # the component of paystream's own migrations
 # Any constant works; it only has to be the same in every paystream process, so that
 # workers starting together apply each migration once.
 _MIGRATION_LOCK = 7_400_001
 # Seconds to wait for a pooled connection: an exhausted pool answers 500 (Stripe retries)
 # rather than hold the request forever. Queries themselves time out at command_timeout.
 ACQUIRE_TIMEOUT = 5.0
+# Errors that mean the database cannot be reached, as opposed to a statement it refuses.
+DATABASE_DOWN = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError,
+                 OSError, TimeoutError)
+# Errors of a read or a connection that a retry may cure (the above, and a statement the
+# server refused, e.g. a query canceled by a restart).
+DATABASE_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
+
+
+def migrations_dir() -> Path:
+    """paystream's own migrations: PAYSTREAM_MIGRATIONS if set; else the copy a wheel
+    carries inside the package (the build puts db/migrations there); else the checkout's
+    db/migrations, the source of truth."""
+    override = os.environ.get("PAYSTREAM_MIGRATIONS")
+    if override:
+        return Path(override)
+    packaged = Path(__file__).resolve().parent / "migrations"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parents[2] / "db" / "migrations"
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    component: str
+    version: int
+    name: str
+    path: Path
+
+    @property
+    def label(self) -> str:
+        return self.path.name if self.component == CORE else f"{self.component}/{self.path.name}"
 
 
 def start_embedded(data_dir: str | os.PathLike[str]) -> str:
@@ -38,42 +69,90 @@ def start_embedded(data_dir: str | os.PathLike[str]) -> str:
     return server.get_uri()
 
 
-def migration_files() -> list[tuple[int, str, Path]]:
+def migration_files(folder: Path | None = None, component: str = CORE) -> list[Migration]:
+    folder = folder or migrations_dir()
     found = []
-    for path in sorted(MIGRATIONS_DIR.glob("*.sql")):
+    for path in sorted(folder.glob("*.sql")):
         m = re.match(r"^(\d+)_(.+)\.sql$", path.name)
         if m:
-            found.append((int(m.group(1)), m.group(2), path))
+            found.append(Migration(component, int(m.group(1)), m.group(2), path))
     return found
 
 
-async def migrate(dsn: str) -> list[str]:
-    """Apply every migration not yet recorded in paystream_schema_version; return their names."""
+def all_migrations(extra: Mapping[str, Path] | None = None) -> list[Migration]:
+    """paystream's migrations, then each extra component's (an effect's schema)."""
+    found = migration_files()
+    if not found:
+        raise RuntimeError(f"no migrations found in {migrations_dir()}: a broken install?")
+    for component, folder in (extra or {}).items():
+        if not folder.is_dir():
+            raise RuntimeError(f"migrations of {component!r}: {folder} is not a folder")
+        found += migration_files(folder, component)
+    return found
+
+
+async def _version_table(conn: asyncpg.Connection) -> None:
+    """The record of applied migrations, by component (databases from before components
+    have a table keyed by version alone: it gains the column, every row being ours)."""
+    await conn.execute(
+        """CREATE TABLE IF NOT EXISTS paystream_schema_version (
+             component text NOT NULL DEFAULT 'paystream',
+             version integer NOT NULL,
+             name text NOT NULL,
+             applied_at timestamptz NOT NULL DEFAULT now(),
+             PRIMARY KEY (component, version));
+           ALTER TABLE paystream_schema_version ADD COLUMN IF NOT EXISTS component text NOT NULL DEFAULT 'paystream';
+           DO $$ BEGIN
+             IF (SELECT count(*) FROM pg_index i JOIN pg_attribute a
+                   ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+                  WHERE i.indrelid = 'paystream_schema_version'::regclass AND i.indisprimary) = 1 THEN
+               ALTER TABLE paystream_schema_version DROP CONSTRAINT paystream_schema_version_pkey,
+                 ADD PRIMARY KEY (component, version);
+             END IF;
+           END $$;""")
+
+
+async def migrate(dsn: str, extra: Mapping[str, Path] | None = None) -> list[str]:
+    """Apply every migration (paystream's, then each extra component's) not yet recorded
+    in paystream_schema_version; return their labels."""
+    wanted = all_migrations(extra)
     conn = await asyncpg.connect(dsn)
     try:
         await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
-        await conn.execute(
-            """CREATE TABLE IF NOT EXISTS paystream_schema_version (
-                 version integer PRIMARY KEY,
-                 name text NOT NULL,
-                 applied_at timestamptz NOT NULL DEFAULT now())"""
-        )
-        done = {r["version"] for r in await conn.fetch("SELECT version FROM paystream_schema_version")}
+        await _version_table(conn)
+        done = {(r["component"], r["version"])
+                for r in await conn.fetch("SELECT component, version FROM paystream_schema_version")}
         applied = []
-        for version, name, path in migration_files():
-            if version in done:
+        for m in wanted:
+            if (m.component, m.version) in done:
                 continue
             async with conn.transaction():
-                await conn.execute(path.read_text())
+                await conn.execute(m.path.read_text())
                 await conn.execute(
-                    "INSERT INTO paystream_schema_version (version, name) VALUES ($1, $2)", version, name
-                )
-            log.info("applied migration %s", path.name)
-            applied.append(path.name)
+                    "INSERT INTO paystream_schema_version (component, version, name) VALUES ($1, $2, $3)",
+                    m.component, m.version, m.name)
+            log.info("applied migration %s", m.label)
+            applied.append(m.label)
         return applied
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
         await conn.close()
+
+
+async def missing_migrations(conn: asyncpg.Connection | asyncpg.Pool,
+                             extra: Mapping[str, Path] | None = None) -> list[str]:
+    """Labels of the migrations this code needs that the database has not applied."""
+    wanted = all_migrations(extra)
+    exists = await conn.fetchval("SELECT to_regclass('paystream_schema_version') IS NOT NULL")
+    done: set[tuple[str, int]] = set()
+    if exists:
+        has_component = await conn.fetchval(
+            """SELECT EXISTS (SELECT FROM information_schema.columns
+                WHERE table_name = 'paystream_schema_version' AND column_name = 'component')""")
+        query = ("SELECT component, version FROM paystream_schema_version" if has_component
+                 else "SELECT 'paystream' AS component, version FROM paystream_schema_version")
+        done = {(r["component"], r["version"]) for r in await conn.fetch(query)}
+    return [m.label for m in wanted if (m.component, m.version) not in done]
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:

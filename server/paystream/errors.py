@@ -20,8 +20,12 @@ class ApiError(Exception):
         self.message = message
 
 
+def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
+    return {"error": {"code": code, "message": message}}
+
+
 def error_response(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+    return JSONResponse(error_body(code, message), status_code=status)
 
 
 async def api_error_handler(request: Request, exc: Exception) -> JSONResponse:

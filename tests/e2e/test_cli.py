@@ -12,7 +12,9 @@ import tempfile
 
 import pytest
 
-from paystream import harness, tokens, trigger
+from paystream.auth import tokens
+from paystream.dev import trigger
+from tests import harness
 from tests.conftest import Server
 from tests.support import Paystream
 

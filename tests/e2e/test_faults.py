@@ -14,7 +14,7 @@ import asyncpg
 import httpx
 import pytest
 
-from paystream import trigger
+from paystream.dev import trigger
 from tests.conftest import Server
 from tests.support import SSE, Paystream, wait_until
 

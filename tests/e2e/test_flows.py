@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from paystream.localstripe import LocalStripe
+from paystream.dev.localstripe import LocalStripe
 from tests.support import SSE, Paystream, StripeJs
 
 pytestmark = pytest.mark.e2e
@@ -216,8 +216,8 @@ async def test_a_wallet_top_up_pushes_the_new_balance_to_a_customer_stream(
 
 
 async def test_stripe_unreachable_is_a_502_and_recorded(database_url: str) -> None:
-    from paystream.harness import free_port
     from tests.conftest import Server
+    from tests.harness import free_port
 
     server = await asyncio.to_thread(
         Server(database_url, {"STRIPE_API_BASE": f"http://127.0.0.1:{free_port()}"}).start)

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from paystream import trigger
+from paystream.dev import trigger
 from tests.conftest import Server
 from tests.support import Paystream
 

@@ -7,7 +7,7 @@ import time
 import asyncpg
 import pytest
 
-from paystream import trigger
+from paystream.dev import trigger
 from tests.support import Paystream, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -48,5 +48,5 @@ async def test_killing_the_listener_loses_nothing(ps: Paystream, db: asyncpg.Con
 
 async def test_readyz_reports_database_and_listener(ps: Paystream) -> None:
     body = (await ps.http.get("/readyz")).json()
-    assert body == {"status": "ok", "checks": {"database": True, "listener": True}}
+    assert body == {"status": "ok", "checks": {"database": True, "listener": True, "schema": True}}
     assert (await ps.http.get("/healthz")).json() == {"status": "ok"}

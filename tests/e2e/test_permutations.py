@@ -9,8 +9,8 @@ import time
 import asyncpg
 import pytest
 
-from paystream import trigger
-from paystream.lifecycle import RANK
+from paystream.changes.lifecycle import RANK
+from paystream.dev import trigger
 from tests.support import Paystream
 
 pytestmark = pytest.mark.e2e

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from paystream.localstripe import LocalStripe
+from paystream.dev.localstripe import LocalStripe
 from tests.support import Paystream, StripeJs
 
 pytestmark = pytest.mark.e2e

@@ -8,7 +8,7 @@ from collections.abc import Awaitable
 import jwt
 import pytest
 
-from paystream import trigger
+from paystream.dev import trigger
 from tests.support import Paystream, wait_until
 
 pytestmark = pytest.mark.e2e

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from paystream import trigger
+from paystream.dev import trigger
 from tests.support import Paystream
 
 pytestmark = pytest.mark.e2e

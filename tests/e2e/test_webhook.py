@@ -9,7 +9,7 @@ import time
 import asyncpg
 import pytest
 
-from paystream import trigger
+from paystream.dev import trigger
 from tests.support import Paystream, fixture_event
 
 pytestmark = pytest.mark.e2e

@@ -9,7 +9,7 @@ import time
 import pytest
 import websockets
 
-from paystream import trigger
+from paystream.dev import trigger
 from tests.support import Paystream
 
 pytestmark = pytest.mark.e2e

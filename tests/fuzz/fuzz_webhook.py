@@ -16,9 +16,15 @@ import time
 import atheris
 
 with atheris.instrument_imports():
-    from paystream import trigger, webhooks
+    from paystream.dev import trigger
     from paystream.errors import ApiError
-    from paystream.stripe_events import MalformedEvent, check_envelope, interpret, is_supported
+    from paystream.ingest import webhooks
+    from paystream.ingest.stripe_events import (
+        MalformedEvent,
+        check_envelope,
+        interpret,
+        is_supported,
+    )
 
 SECRET = "whsec_fuzz"
 
@@ -31,10 +37,10 @@ def one(data: bytes) -> None:
     except (ValueError, MalformedEvent, RecursionError):
         return
     if is_supported(event["type"]):
-        effect = interpret(event)
-        json.dumps(effect.metadata)
-        if effect.change is not None:
-            json.dumps(effect.change.last_error)
+        meaning = interpret(event)
+        json.dumps(meaning.metadata)
+        if meaning.change is not None:
+            json.dumps(meaning.change.last_error)
 
 
 def target(data: bytes) -> None:

@@ -1,0 +1,54 @@
+"""Reading request bodies: bounded in size, parsed as JSON, validated into a model, with
+a precise 400 for each way a body can be wrong."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+
+from paystream.errors import ApiError
+
+MAX_JSON_BODY = 64 * 1024  # API bodies are a few hundred bytes
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+async def read_limited(request: Request, limit: int) -> bytes:
+    """The raw body, refusing anything over `limit` bytes without reading it all."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(400, "payload_too_large", f"the body is over the {limit}-byte limit")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(400, "payload_too_large", f"the body is over the {limit}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def json_body(request: Request, limit: int = MAX_JSON_BODY) -> dict[str, Any]:
+    """The body as a JSON object (an empty body is {})."""
+    raw = await read_limited(request, limit)
+    try:
+        body = json.loads(raw or b"{}")
+    except (ValueError, RecursionError):
+        raise ApiError(400, "bad_request", "the body is not JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "bad_request", "the body must be a JSON object")
+    return body
+
+
+def validated(model: type[Model], data: dict[str, Any] | bytes) -> Model:
+    """`data` (a parsed object, or raw JSON) as `model`; the first problem as a 400."""
+    try:
+        if isinstance(data, bytes):
+            return model.model_validate_json(data or b"{}")
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise ApiError(400, "bad_request", f"{where}: {first['msg']}") from None

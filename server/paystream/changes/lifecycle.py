@@ -1,0 +1,146 @@
+"""The status state machine: ranks, allowed transitions, and which late event wins.
+
+Mirrors paystream_transition_allowed() in db/migrations/001_core.sql; the database
+refuses anything this module would refuse, so a bug here cannot corrupt a status.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+# The time of a status our own API sets before Stripe has said anything: earlier than
+# any Stripe event, so none of them is mistaken for a late one.
+BEFORE_STRIPE = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def stripe_now() -> datetime:
+    """Now, at Stripe's whole-second granularity, for changes paystream itself observes
+    (a reconcile, a release): the same tie rules then apply as between Stripe's events."""
+    return datetime.now(UTC).replace(microsecond=0)
+
+# What a transaction is (the schema's transactions.kind CHECK lists the same).
+KINDS: tuple[str, ...] = ("payment", "card_validation", "wallet_top_up", "invoice")
+
+RANK: dict[str, int] = {
+    "requires_payment_method": 0,
+    "requires_confirmation": 1,
+    "requires_action": 2,
+    "processing": 3,
+    "requires_capture": 4,
+    "succeeded": 5,
+    "canceled": 5,
+    "partially_refunded": 6,
+    "refunded": 7,
+    "disputed": 8,
+}
+STATUSES: tuple[str, ...] = tuple(RANK)
+SUCCEEDED_RANK = RANK["succeeded"]
+
+# A browser waiting on one of these has its answer; streams close after them.
+FINAL: frozenset[str] = frozenset({"succeeded", "canceled", "refunded"})
+
+
+REFUNDABLE: frozenset[str] = frozenset({"succeeded", "partially_refunded", "refunded", "disputed"})
+
+
+def is_pre_success(status: str) -> bool:
+    return RANK[status] < SUCCEEDED_RANK
+
+
+def transition_allowed(old: str, new: str, declined: bool) -> bool:
+    if old == new:
+        return True
+    if old == "canceled":
+        return False
+    if new == "canceled":
+        return is_pre_success(old)
+    if new == "requires_payment_method" and declined:
+        return is_pre_success(old)
+    return RANK[new] > RANK[old]
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """What one Stripe event says about a transaction's status."""
+
+    status: str
+    at: datetime  # the Stripe event's `created`
+    last_error: dict[str, Any] | None = None
+    amount_refunded: int | None = None  # charge.refunded: the running total Stripe reports
+    refund_error: dict[str, Any] | None = None  # refund.failed: the status stays, the error shows
+
+    @property
+    def declined(self) -> bool:
+        return self.last_error is not None
+
+
+@dataclass(frozen=True, slots=True)
+class State:
+    status: str
+    at: datetime | None
+    last_error: dict[str, Any] | None = None
+    amount_refunded: int = 0
+
+
+# Stripe moves a PaymentIntent down only through a failed attempt.  A newer event at a
+# lower rank than the one we hold proves an attempt failed in between, even if that
+# decline event has not reached us (yet): we log the decline, then the step.
+INFERRED_DECLINE: dict[str, Any] = {
+    "code": "attempt_failed",
+    "message": "an earlier payment attempt failed (inferred from a later retry)",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    moves: tuple[Change, ...] = ()  # status changes to log, in order
+    touch: bool = False  # nothing visible changes, but the state is now this recent
+
+
+IGNORE = Decision()
+
+
+def decide(current: State, change: Change) -> Decision:
+    """What one event does to a transaction, given what it already holds.
+
+    Stripe delivers in any order, so the result may depend only on the set of events,
+    never on their arrival order:
+    * success and everything after it wins over anything before it; ranks only grow;
+    * before success, the newest event says where the attempt stands (a customer can
+      fail and retry, so ranks alone cannot order them).  Stripe's timestamps are whole
+      seconds: in a tie a decline wins (a step then its failure in one second is the
+      usual case), then the higher rank.
+    """
+    if change.refund_error is not None:
+        if current.status in REFUNDABLE and current.last_error != change.refund_error:
+            return Decision((Change(current.status, change.at, last_error=change.refund_error,
+                                    amount_refunded=current.amount_refunded),))
+        return IGNORE
+    if not (is_pre_success(current.status) and is_pre_success(change.status)):
+        if change.status == current.status and change.amount_refunded is not None:
+            # Several partial refunds: Stripe reports a growing total; a smaller one is late.
+            return Decision((change,)) if change.amount_refunded > current.amount_refunded else IGNORE
+        if change.declined or change.status == current.status:
+            return IGNORE
+        if not transition_allowed(current.status, change.status, declined=False):
+            return IGNORE
+        return Decision((change,))
+    if current.at is not None and change.at < current.at:
+        return IGNORE  # delivered late: a newer event already set the state
+    newer = current.at is None or change.at > current.at
+    if change.declined:
+        if (current.status, current.last_error) == (change.status, change.last_error):
+            return Decision(touch=newer)
+        return Decision((change,))
+    if current.last_error is not None and not newer:
+        return IGNORE
+    if RANK[change.status] > RANK[current.status]:
+        return Decision((change,))
+    if change.status == current.status or not newer:
+        return Decision(touch=newer)
+    decline = Change("requires_payment_method", change.at, INFERRED_DECLINE)
+    if change.status == "requires_payment_method":
+        return Decision((decline,))
+    return Decision((decline, change))

@@ -1,0 +1,369 @@
+"""Every SQL statement the service runs, and the transaction JSON of the contract."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+from ulid import ULID
+
+CHANNEL = "paystream"
+
+TXN_COLUMNS = (
+    "id, stripe_id, kind, status, amount, currency, customer_id, metadata, last_error,"
+    " validated, seq, status_at, updated_at, amount_refunded"
+)
+
+
+def new_transaction_id() -> str:
+    return f"txn_{ULID()}"
+
+
+async def init_connection(conn: asyncpg.Connection) -> None:
+    # jsonb columns come back as Python objects; the event log is read as ::text instead,
+    # so pushed events go out exactly as stored without a decode/encode round.
+    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+def timestamp(value: datetime) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def render(row: asyncpg.Record | dict[str, Any]) -> dict[str, Any]:
+    """The contract's transaction JSON."""
+    return {
+        "id": row["id"],
+        "stripe_id": row["stripe_id"],
+        "kind": row["kind"],
+        "status": row["status"],
+        "amount": row["amount"],
+        "currency": row["currency"],
+        "customer_id": row["customer_id"],
+        "metadata": row["metadata"],
+        "last_error": row["last_error"],
+        "validated": row["validated"],
+        "amount_refunded": row["amount_refunded"],
+        "seq": row["seq"],
+        "updated_at": timestamp(row["updated_at"]),
+    }
+
+
+# --- stripe_events -------------------------------------------------------------------
+
+
+_STORE_EVENT = """
+    INSERT INTO stripe_events (id, type, object_id, api_version, livemode, created, raw_body, headers)
+    VALUES ($1, $2, $3, $4, $5, to_timestamp($6), $7, $8)
+    ON CONFLICT (id) DO UPDATE SET attempts = stripe_events.attempts + 1
+    RETURNING processed_at, outcome"""
+
+
+def _event_args(event: dict[str, Any], raw_body: str, headers: dict[str, str]) -> tuple[Any, ...]:
+    obj = event["data"]["object"]
+    return (
+        event["id"],
+        event["type"],
+        obj.get("id"),
+        event.get("api_version") if isinstance(event.get("api_version"), str) else None,
+        event.get("livemode") if isinstance(event.get("livemode"), bool) else None,
+        event["created"],
+        raw_body,
+        headers,
+    )
+
+
+async def record_stripe_event(
+    conn: asyncpg.Connection, event: dict[str, Any], raw_body: str, headers: dict[str, str]
+) -> asyncpg.Record:
+    """Store a verified delivery (or count a repeat) and lock its row until commit.
+
+    Concurrent deliveries of one event queue on this row: the second sees the first's
+    processed_at once it commits, so an event is applied once however many arrive.
+    """
+    return await conn.fetchrow(_STORE_EVENT, *_event_args(event, raw_body, headers))
+
+
+async def record_and_lock(
+    conn: asyncpg.Connection, event: dict[str, Any], raw_body: str, headers: dict[str, str],
+    stripe_id: str | None,
+) -> tuple[asyncpg.Record, asyncpg.Record | None]:
+    """record_stripe_event, and the transaction of stripe_id locked, in one round trip.
+
+    The webhook's hot path: the lock is taken after the event row's (as when they were
+    two statements), and FOR UPDATE returns the row's newest committed version even
+    though the statement's snapshot predates a wait on either lock.  The transaction row
+    is None when stripe_id names none (the caller then looks further)."""
+    rec = await conn.fetchrow(
+        f"""WITH stored AS ({_STORE_EVENT})
+            SELECT stored.processed_at AS event_processed_at, stored.outcome AS event_outcome, t.*
+              FROM stored LEFT JOIN LATERAL (
+                     SELECT {TXN_COLUMNS} FROM transactions WHERE stripe_id = $9 FOR UPDATE) t ON true""",
+        *_event_args(event, raw_body, headers), stripe_id)
+    stored = {"processed_at": rec["event_processed_at"], "outcome": rec["event_outcome"]}
+    return stored, (rec if rec["id"] is not None else None)  # type: ignore[return-value]
+
+
+async def finish_stripe_event(
+    conn: asyncpg.Connection,
+    event_id: str,
+    *,
+    outcome: str,
+    transaction_id: str | None = None,
+    error: str | None = None,
+    processed: bool = True,
+) -> None:
+    await conn.execute(
+        """UPDATE stripe_events
+              SET processed_at = CASE WHEN $5 THEN clock_timestamp() END,
+                  outcome = $2, transaction_id = $3, error = $4
+            WHERE id = $1""",
+        event_id,
+        outcome,
+        transaction_id,
+        error,
+        processed,
+    )
+
+
+# --- transactions --------------------------------------------------------------------
+
+
+async def lock_by_stripe_id(conn: asyncpg.Connection, stripe_id: str) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        f"SELECT {TXN_COLUMNS} FROM transactions WHERE stripe_id = $1 FOR UPDATE", stripe_id
+    )
+
+
+async def insert_transaction(
+    conn: asyncpg.Connection,
+    *,
+    stripe_id: str | None,
+    kind: str,
+    status: str,
+    amount: int,
+    currency: str,
+    customer_id: str | None,
+    metadata: dict[str, Any],
+    last_error: dict[str, Any] | None = None,
+    validated: bool = False,
+    status_at: datetime | None = None,
+    amount_refunded: int = 0,
+    txn_id: str | None = None,
+) -> asyncpg.Record | None:
+    """Create a transaction at seq 1; None if another request created its stripe_id first."""
+    return await conn.fetchrow(
+        f"""INSERT INTO transactions (id, stripe_id, kind, status, amount, currency, customer_id,
+                                      metadata, last_error, validated, seq, status_at, amount_refunded)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 1, $11, $12)
+            ON CONFLICT (stripe_id) DO NOTHING
+            RETURNING {TXN_COLUMNS}""",
+        txn_id or new_transaction_id(),
+        stripe_id,
+        kind,
+        status,
+        amount,
+        currency,
+        customer_id,
+        metadata,
+        last_error,
+        validated,
+        status_at,
+        amount_refunded,
+    )
+
+
+async def lock_by_id(conn: asyncpg.Connection, txn_id: str) -> asyncpg.Record | None:
+    return await conn.fetchrow(f"SELECT {TXN_COLUMNS} FROM transactions WHERE id = $1 FOR UPDATE", txn_id)
+
+
+async def lock_by_link(conn: asyncpg.Connection, stripe_id: str) -> asyncpg.Record | None:
+    """The transaction a secondary Stripe object (an invoice's PaymentIntent) speaks for."""
+    return await conn.fetchrow(
+        f"""SELECT {TXN_COLUMNS} FROM transactions
+             WHERE id = (SELECT transaction_id FROM transaction_links WHERE stripe_id = $1)
+             FOR UPDATE""", stripe_id)
+
+
+async def link(conn: asyncpg.Connection, stripe_id: str, txn_id: str) -> None:
+    await conn.execute(
+        "INSERT INTO transaction_links (stripe_id, transaction_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        stripe_id, txn_id)
+
+
+async def set_stripe_id(conn: asyncpg.Connection, txn_id: str, stripe_id: str) -> None:
+    """Link our transaction to the Stripe object just created for it (once)."""
+    await conn.execute(
+        "UPDATE transactions SET stripe_id = $2 WHERE id = $1 AND stripe_id IS NULL", txn_id, stripe_id)
+
+
+async def touch_transaction(conn: asyncpg.Connection, txn_id: str, status_at: datetime) -> None:
+    """A newer event confirmed the current status: remember its time, change nothing visible."""
+    await conn.execute(
+        "UPDATE transactions SET status_at = greatest(status_at, $2) WHERE id = $1", txn_id, status_at
+    )
+
+
+def plausible_id(any_id: str) -> bool:
+    """Could this be an id we store? (Postgres text holds no NUL; ids are short.)"""
+    return 0 < len(any_id) <= 255 and "\x00" not in any_id
+
+
+async def get_transaction(conn: asyncpg.Connection | asyncpg.Pool, any_id: str) -> asyncpg.Record | None:
+    """By our txn_ id or by the linked Stripe object id."""
+    if not plausible_id(any_id):
+        return None
+    column = "id" if any_id.startswith("txn_") else "stripe_id"
+    return await conn.fetchrow(f"SELECT {TXN_COLUMNS} FROM transactions WHERE {column} = $1", any_id)
+
+
+# --- the event log -------------------------------------------------------------------
+
+
+def pushed_event(row: asyncpg.Record | dict[str, Any], previous_status: str | None,
+                 stripe_event_id: str | None, event_type: str | None) -> dict[str, Any]:
+    """The contract's pushed event for a logged row: the transaction JSON, previous_status
+    and cause (what effects are given, before they add their fields)."""
+    data = render(row)
+    data["previous_status"] = previous_status
+    data["cause"] = {"stripe_event_id": stripe_event_id, "type": event_type}
+    return data
+
+
+def _log_entry(row: asyncpg.Record | dict[str, Any], data: dict[str, Any] | None, previous_status: str | None,
+               stripe_event_id: str | None, event_type: str | None) -> tuple[str, str]:
+    """The pushed JSON of a log row (`data`, else the bare pushed_event), and the NOTIFY
+    payload that announces it."""
+    if data is None:
+        data = pushed_event(row, previous_status, stripe_event_id, event_type)
+    text = json.dumps(data, separators=(",", ":"))
+    payload = json.dumps({"id": row["id"], "seq": row["seq"], "status": row["status"]}, separators=(",", ":"))
+    return text, payload
+
+
+async def append_event(
+    conn: asyncpg.Connection,
+    row: asyncpg.Record,
+    *,
+    previous_status: str | None,
+    stripe_event_id: str | None,
+    event_type: str | None,
+    data: dict[str, Any] | None = None,
+) -> str:
+    """Log the transaction's new state at its seq and NOTIFY, in the caller's transaction.
+
+    Postgres delivers the NOTIFY only at commit, so a listener never hears of a row it
+    cannot read yet. The payload stays tiny (ids, seq, status): far from the 8000-byte limit.
+    """
+    text, payload = _log_entry(row, data, previous_status, stripe_event_id, event_type)
+    await conn.execute(
+        """WITH logged AS (
+             INSERT INTO transaction_events
+                    (transaction_id, seq, status, previous_status, stripe_event_id, event_type, data)
+             VALUES ($1, $2, $3, $4, $5, $6, $7::json)
+             RETURNING 1)
+           SELECT pg_notify($8, $9) FROM logged""",
+        row["id"],
+        row["seq"],
+        row["status"],
+        previous_status,
+        stripe_event_id,
+        event_type,
+        text,
+        CHANNEL,
+        payload,
+    )
+    return text
+
+
+async def move_and_log(
+    conn: asyncpg.Connection,
+    moved: dict[str, Any],
+    *,
+    previous_status: str | None,
+    stripe_event_id: str | None,
+    event_type: str | None,
+    data: dict[str, Any] | None = None,
+    finish_event: bool = False,
+) -> None:
+    """Move a locked transaction to `moved` (its next seq), log it and NOTIFY, in one
+    statement; with finish_event, also record stripe_event_id as applied to it.
+
+    `moved` is the whole new row, made by the caller from the locked one, so the pushed
+    JSON can be written in the same round trip as the row.  The schema's guards still
+    check the step: the transactions trigger checks the transition and that seq grows by
+    one; the log trigger checks that the log row's seq is the transaction's (it sees this
+    statement's update).  A row that is not at seq - 1 moves nothing, and that is an
+    error here."""
+    text, payload = _log_entry(moved, data, previous_status, stripe_event_id, event_type)
+    logged = await conn.fetchval(
+        """WITH moved AS (
+             UPDATE transactions
+                SET status = $3, last_error = $4, validated = $5, status_at = $6,
+                    amount_refunded = $7, seq = $2, updated_at = $8
+              WHERE id = $1 AND seq = $2 - 1
+          RETURNING id),
+           logged AS (
+             INSERT INTO transaction_events
+                    (transaction_id, seq, status, previous_status, stripe_event_id, event_type, data)
+             SELECT id, $2, $3, $9, $10, $11, $12::json FROM moved
+             RETURNING 1),
+           finished AS (
+             UPDATE stripe_events
+                SET processed_at = clock_timestamp(), outcome = 'applied', transaction_id = $1, error = NULL
+              WHERE $15 AND id = $10 AND EXISTS (SELECT FROM logged)
+          RETURNING 1)
+           SELECT count(pg_notify($13, $14)) FROM logged""",
+        moved["id"],
+        moved["seq"],
+        moved["status"],
+        moved["last_error"],
+        moved["validated"],
+        moved["status_at"],
+        moved["amount_refunded"],
+        moved["updated_at"],
+        previous_status,
+        stripe_event_id,
+        event_type,
+        text,
+        CHANNEL,
+        payload,
+        finish_event,
+    )
+    if logged != 1:
+        raise RuntimeError(f"transaction {moved['id']}: not at seq {moved['seq'] - 1} (moved by someone else?)")
+
+
+async def events_after(
+    conn: asyncpg.Connection | asyncpg.Pool, txn_id: str, after: int
+) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        """SELECT transaction_id, seq, status, data::text AS data FROM transaction_events
+            WHERE transaction_id = $1 AND seq > $2 ORDER BY seq""",
+        txn_id,
+        after,
+    )
+
+
+async def events_after_many(
+    conn: asyncpg.Connection | asyncpg.Pool, cursors: Iterable[tuple[str, int]]
+) -> list[asyncpg.Record]:
+    """Catch-up for many transactions in one query (after a listener reconnect)."""
+    ids: list[str] = []
+    afters: list[int] = []
+    for txn_id, after in cursors:
+        ids.append(txn_id)
+        afters.append(after)
+    if not ids:
+        return []
+    return await conn.fetch(
+        """SELECT e.transaction_id, e.seq, e.status, e.data::text AS data
+             FROM unnest($1::text[], $2::int[]) AS c(transaction_id, after_seq)
+             JOIN transaction_events e
+               ON e.transaction_id = c.transaction_id AND e.seq > c.after_seq
+            ORDER BY e.transaction_id, e.seq""",
+        ids,
+        afters,
+    )

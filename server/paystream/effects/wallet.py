@@ -1,0 +1,76 @@
+"""Built-in effect: the wallet ledger.  A wallet top-up that succeeds credits the
+customer's wallet; a refund reverses the refunded part.  Double entry: every group of
+entries sums to zero (the schema checks it at commit), and each group's key is unique, so
+no replay or reorder can post it twice."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import asyncpg
+
+from paystream.changes.lifecycle import REFUNDABLE
+
+log = logging.getLogger("paystream.effects.wallet")
+
+CLEARING = "stripe:clearing"
+
+
+def wallet_account(customer_id: str) -> str:
+    return f"wallet:{customer_id}"
+
+
+async def wallet_balance(conn: asyncpg.Connection, customer_id: str) -> int:
+    return await conn.fetchval(
+        "SELECT coalesce(sum(amount), 0)::bigint FROM ledger_entries WHERE account = $1",
+        wallet_account(customer_id))
+
+
+async def _post(conn: asyncpg.Connection, group: str, txn: dict[str, Any], wallet_amount: int) -> bool:
+    """A balanced pair: the wallet moves by wallet_amount, clearing by its opposite."""
+    inserted = await conn.fetchval(
+        """WITH rows AS (
+             INSERT INTO ledger_entries (entry_group, transaction_id, account, amount, currency)
+             VALUES ($1, $2, $3, $4, $5), ($1, $2, $6, -$4::bigint, $5)
+             ON CONFLICT (entry_group, account) DO NOTHING RETURNING 1)
+           SELECT count(*) FROM rows""",
+        group, txn["id"], wallet_account(txn["customer_id"]), wallet_amount, txn["currency"], CLEARING)
+    return inserted > 0
+
+
+async def _posted(conn: asyncpg.Connection, txn: dict[str, Any], prefix: str) -> int:
+    """What this transaction's groups starting with `prefix` moved the wallet by so far."""
+    return await conn.fetchval(
+        """SELECT coalesce(sum(amount), 0)::bigint FROM ledger_entries
+            WHERE transaction_id = $1 AND account = $2 AND starts_with(entry_group, $3)""",
+        txn["id"], wallet_account(txn["customer_id"]), prefix)
+
+
+class WalletLedger:
+    name = "wallet"
+
+    async def on_status(self, conn: asyncpg.Connection, transaction: dict[str, Any],
+                        previous_status: str | None) -> dict[str, Any] | None:
+        if transaction["kind"] != "wallet_top_up":
+            return None
+        customer = transaction["customer_id"]
+        if not customer:
+            log.warning("wallet top-up without a customer: nothing credited",
+                        extra={"transaction_id": transaction["id"]})
+            return None
+        if transaction["status"] in REFUNDABLE and transaction["amount"] > 0:
+            await _post(conn, f"topup:{transaction['id']}", transaction, transaction["amount"])
+            # A refund reverses the refunded part, keyed by Stripe's running total so the
+            # same refund reported twice reverses once; what is reversed already is read
+            # from the ledger itself, not from the event before this one.
+            reversed_so_far = -await _posted(conn, transaction, f"refund:{transaction['id']}:")
+            refunded = min(transaction["amount_refunded"], transaction["amount"])
+            if refunded > reversed_so_far:
+                await _post(conn, f"refund:{transaction['id']}:{refunded}", transaction,
+                            -(refunded - reversed_so_far))
+        return {"balance": {"customer_id": customer, "amount": await wallet_balance(conn, customer),
+                            "currency": transaction["currency"]}}
+
+
+effect = WalletLedger()

@@ -1,0 +1,263 @@
+"""What a Stripe event means for a transaction: which object it names and which status.
+
+Pure functions over the event JSON: no I/O, so every mapping is unit-tested on real
+fixture bodies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any
+
+from paystream.changes.lifecycle import KINDS, RANK, Change
+
+# Families whose every type we accept (store, link, maybe move); anything else is refused.
+SUPPORTED_PREFIXES = ("payment_intent.", "charge.", "refund.", "invoice.", "setup_intent.")
+
+
+class MalformedEvent(ValueError):
+    """A verified body that is not a Stripe event we can read."""
+
+
+@dataclass(frozen=True, slots=True)
+class Meaning:
+    """What one Stripe event means for a transaction: which object, and which change."""
+
+    stripe_id: str | None  # the object our transaction is linked to (pi_…, in_…, seti_…, ch_…)
+    change: Change | None  # None: the event is stored and linked but moves nothing
+    # Fields for a transaction created from this event when stripe_id is new to us.
+    amount: int = 0
+    currency: str = "usd"
+    customer_id: str | None = None
+    kind: str = "payment"
+    metadata: dict[str, Any] = field(default_factory=dict)
+    # Other Stripe objects that speak for the same transaction (an invoice's PaymentIntents).
+    links: tuple[str, ...] = ()
+
+    @property
+    def transaction_ref(self) -> str | None:
+        """Our own transaction id, when our API created the Stripe object."""
+        ref = self.metadata.get("transaction_id")
+        return ref if isinstance(ref, str) and ref.startswith("txn_") else None
+
+
+def is_supported(event_type: str) -> bool:
+    return event_type.startswith(SUPPORTED_PREFIXES)
+
+
+def check_envelope(event: Any) -> None:
+    """Raise MalformedEvent unless `event` has the envelope every Stripe event has."""
+    if not isinstance(event, dict):
+        raise MalformedEvent("the body is not a JSON object")
+    if not isinstance(event.get("id"), str) or not event["id"].startswith("evt_") or "\x00" in event["id"]:
+        raise MalformedEvent("`id` must be a Stripe event id (evt_…)")
+    if not isinstance(event.get("type"), str) or not event["type"]:
+        raise MalformedEvent("`type` is missing")
+    created = event.get("created")
+    if not isinstance(created, int) or isinstance(created, bool) or not 0 <= created < 2**40:
+        raise MalformedEvent("`created` must be a Unix timestamp")
+    data = event.get("data")
+    if not isinstance(data, dict) or not isinstance(data.get("object"), dict):
+        raise MalformedEvent("`data.object` is missing")
+    object_id = _str(data["object"].get("id"))
+    if not object_id or "\x00" in object_id or len(object_id) > 255:
+        raise MalformedEvent("`data.object.id` is missing or not an id")
+
+
+def event_time(event: dict[str, Any]) -> datetime:
+    return datetime.fromtimestamp(event["created"], tz=UTC)
+
+
+# Readers that take a field as Stripe documents it or not at all: a verified body is
+# still data, and odd data must not become a crash (a 500 instead of a precise answer).
+_MAX_AMOUNT = 2**63 - 1
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _amount(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_AMOUNT else 0
+
+
+def _currency(value: Any) -> str:
+    """ISO 4217, lower case as Stripe sends it; XXX ('no currency') for anything else."""
+    if isinstance(value, str) and len(value) == 3 and value.isascii() and value.isalpha():
+        return value.lower()
+    return "xxx"
+
+
+def _error_of(obj: Any) -> dict[str, Any] | None:
+    if not isinstance(obj, dict) or not obj:
+        return None
+    err = {k: obj[k] for k in ("code", "decline_code", "message", "type") if _str(obj.get(k))}
+    return err or {"code": "payment_failed"}
+
+
+def _id(value: Any) -> str | None:
+    """Stripe expands some references into objects; accept both shapes."""
+    if isinstance(value, dict):
+        value = value.get("id")
+    return _str(value)
+
+
+def _kind(obj: dict[str, Any], default: str) -> str:
+    meta = obj.get("metadata") or {}
+    kind = _str(meta.get("paystream_kind")) if isinstance(meta, dict) else None
+    return kind if kind in KINDS else default
+
+
+def _base(obj: dict[str, Any], stripe_id: str | None, change: Change | None, kind: str,
+          links: tuple[str, ...] = ()) -> Meaning:
+    meta = obj.get("metadata")
+    return Meaning(
+        stripe_id=stripe_id,
+        change=change,
+        amount=_amount(obj.get("amount", obj.get("amount_due", 0))),
+        currency=_currency(obj.get("currency")),
+        customer_id=_id(obj.get("customer")),
+        kind=_kind(obj, kind),
+        metadata=dict(meta) if isinstance(meta, dict) else {},
+        links=links,
+    )
+
+
+# The status a PaymentIntent has in each of its events' data.object (`paystream trigger`
+# builds its objects from this too).  payment_intent.created carries whatever status
+# the object was created with: the object's own field is read for it.
+PAYMENT_INTENT_STATUS_BY_EVENT = {
+    "payment_intent.created": "requires_payment_method",
+    "payment_intent.processing": "processing",
+    "payment_intent.requires_action": "requires_action",
+    "payment_intent.amount_capturable_updated": "requires_capture",
+    "payment_intent.succeeded": "succeeded",
+    "payment_intent.payment_failed": "requires_payment_method",
+    "payment_intent.canceled": "canceled",
+}
+
+
+def _payment_intent(event: dict[str, Any], obj: dict[str, Any], at: datetime) -> Meaning:
+    etype = event["type"]
+    if etype == "payment_intent.payment_failed":
+        error = _error_of(obj.get("last_payment_error")) or {"code": "payment_failed"}
+        change = Change("requires_payment_method", at, error)
+    elif etype == "payment_intent.created":
+        status = _str(obj.get("status"))
+        change = Change(status, at) if status in RANK else None
+    elif etype in PAYMENT_INTENT_STATUS_BY_EVENT:
+        status = PAYMENT_INTENT_STATUS_BY_EVENT[etype]
+        change = Change(status, at) if status in RANK else None
+    else:  # partially_funded and friends: stored, linked, no status of ours
+        change = None
+    invoice = _id(obj.get("invoice"))  # before API 2025-03-31 a PI names its invoice
+    if invoice:
+        return _base(obj, invoice, change, "invoice", links=(obj["id"],))
+    return _base(obj, obj["id"], change, "payment")
+
+
+def _charge(event: dict[str, Any], obj: dict[str, Any], at: datetime) -> Meaning:
+    etype = event["type"]
+    target = _id(obj.get("payment_intent")) or obj["id"]
+    change: Change | None = None
+    captured = bool(obj.get("captured"))
+    if etype in ("charge.succeeded", "charge.captured"):
+        # From API 2024-04-10 capture may be async: charge.succeeded is the money moving.
+        change = Change("succeeded" if captured else "requires_capture", at)
+    elif etype == "charge.refunded" and captured:
+        # An uncaptured charge "refunded" is Stripe releasing a canceled authorization:
+        # not a refund of ours, so it moves nothing (the PI's canceled event does).
+        amount, refunded = _amount(obj.get("amount")), _amount(obj.get("amount_refunded"))
+        full = obj.get("refunded") is True or (amount > 0 and refunded >= amount)
+        change = Change("refunded" if full else "partially_refunded", at, amount_refunded=refunded)
+    elif etype == "charge.refund.updated" and obj.get("status") == "failed":
+        change = _refund_failure(obj, at)
+    elif etype == "charge.expired":
+        change = Change("canceled", at)
+    elif etype.startswith("charge.dispute."):
+        target = _id(obj.get("payment_intent")) or _id(obj.get("charge")) or obj["id"]
+        if etype == "charge.dispute.created":
+            change = Change("disputed", at)
+    # charge.failed is reported by payment_intent.payment_failed with the PI's own error.
+    return _base(obj, target, change, "payment")
+
+
+def _refund_failure(refund: dict[str, Any], at: datetime) -> Change:
+    error = {"code": "refund_failed", "refund": _str(refund.get("id")),
+             "failure_reason": _str(refund.get("failure_reason"))}
+    return Change("succeeded", at, refund_error=error)  # status is kept; see lifecycle.decide
+
+
+def _refund(event: dict[str, Any], obj: dict[str, Any], at: datetime) -> Meaning:
+    target = _id(obj.get("payment_intent")) or _id(obj.get("charge")) or obj["id"]
+    failed = event["type"] == "refund.failed" or obj.get("status") == "failed"
+    return _base(obj, target, _refund_failure(obj, at) if failed else None, "payment")
+
+
+def _invoice_payment_intents(invoice: dict[str, Any]) -> tuple[str, ...]:
+    """An invoice's PaymentIntents: `payment_intent` before API 2025-03-31, then
+    `payments.data[].payment.payment_intent` (invoice_payments)."""
+    found = []
+    if pi := _id(invoice.get("payment_intent")):
+        found.append(pi)
+    payments = invoice.get("payments")
+    if isinstance(payments, dict):
+        for item in payments.get("data") or []:
+            payment = item.get("payment") if isinstance(item, dict) else None
+            if isinstance(payment, dict) and (pi := _id(payment.get("payment_intent"))):
+                found.append(pi)
+    return tuple(dict.fromkeys(found))
+
+
+def _invoice(event: dict[str, Any], obj: dict[str, Any], at: datetime) -> Meaning:
+    etype = event["type"]
+    change: Change | None = None
+    if etype in ("invoice.paid", "invoice.payment_succeeded"):
+        change = Change("succeeded", at)
+    elif etype == "invoice.payment_failed":
+        change = Change("requires_payment_method", at, {"code": "invoice_payment_failed"})
+    elif etype == "invoice.payment_action_required":
+        change = Change("requires_action", at)
+    elif etype == "invoice.voided":
+        change = Change("canceled", at)
+    meaning = _base(obj, obj["id"], change, "invoice", links=_invoice_payment_intents(obj))
+    paid = _amount(obj.get("amount_paid")) or _amount(obj.get("amount_due"))
+    if paid > 0:
+        meaning = replace(meaning, amount=paid)
+    return meaning
+
+
+_SETUP_STATUS = {
+    "setup_intent.created": "requires_payment_method",
+    "setup_intent.requires_action": "requires_action",
+    "setup_intent.succeeded": "succeeded",
+    "setup_intent.canceled": "canceled",
+}
+
+
+def _setup_intent(event: dict[str, Any], obj: dict[str, Any], at: datetime) -> Meaning:
+    etype = event["type"]
+    if etype == "setup_intent.setup_failed":
+        change = Change("requires_payment_method", at,
+                        _error_of(obj.get("last_setup_error")) or {"code": "setup_failed"})
+    else:
+        status = _SETUP_STATUS.get(etype)
+        change = Change(status, at) if status else None
+    return _base(obj, obj["id"], change, "card_validation")
+
+
+def interpret(event: dict[str, Any]) -> Meaning:
+    """What this (envelope-checked, supported) event does."""
+    obj = event["data"]["object"]
+    at = event_time(event)
+    etype = event["type"]
+    if etype.startswith("payment_intent."):
+        return _payment_intent(event, obj, at)
+    if etype.startswith("charge."):
+        return _charge(event, obj, at)
+    if etype.startswith("refund."):
+        return _refund(event, obj, at)
+    if etype.startswith("invoice."):
+        return _invoice(event, obj, at)
+    return _setup_intent(event, obj, at)

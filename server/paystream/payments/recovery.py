@@ -1,0 +1,165 @@
+"""Calls to Stripe that committed changes asked for (the outbox), and the sweeper that
+re-checks transactions Stripe's webhooks left stuck.  Both record what they did as
+events with a `cause` and push them like any other change."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import asyncpg
+
+from paystream.changes import store, transitions
+from paystream.changes.lifecycle import RANK, Change, stripe_now
+from paystream.db import ACQUIRE_TIMEOUT, DATABASE_ERRORS
+from paystream.payments.stripe_api import StripeApi, StripeFailure
+
+log = logging.getLogger("paystream.recovery")
+
+AUTHORIZATION_LIFETIME = timedelta(days=7)  # Stripe releases an uncaptured card authorisation
+
+
+def change_from_payment_intent(pi: Any, at: datetime) -> Change | None:
+    """Stripe's current answer, as a change stamped now: it is the newest knowledge we have."""
+    status = pi.status
+    if status not in RANK:
+        return None
+    error = getattr(pi, "last_payment_error", None)
+    if status == "requires_payment_method" and error:
+        return Change(status, at, {"code": getattr(error, "code", None) or "payment_failed",
+                                   "message": getattr(error, "message", None)})
+    return Change(status, at)
+
+
+@dataclass
+class Report:
+    outbox_done: int = 0
+    outbox_failed: int = 0
+    checked: int = 0
+    moved: int = 0
+    expiring: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+class Recovery:
+    def __init__(self, pool: asyncpg.Pool, api: StripeApi, *, stuck_after: timedelta = timedelta(minutes=15),
+                 interval: float = 60.0) -> None:
+        self.pool, self.api = pool, api
+        self.stuck_after, self.interval = stuck_after, interval
+        self._kick = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def kick(self, *_: object) -> None:
+        """Run the outbox now (a change just asked for a Stripe call)."""
+        self._kick.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._forever(), name="paystream-recovery")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _forever(self) -> None:
+        last_sweep = 0.0
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), self.interval)
+            self._kick.clear()
+            try:
+                report = Report()
+                await self.run_outbox(report)
+                loop_now = asyncio.get_running_loop().time()
+                if loop_now - last_sweep >= self.interval:
+                    last_sweep = loop_now
+                    await self.sweep(report)
+            except DATABASE_ERRORS as exc:
+                log.warning("recovery pass failed: %s", exc)
+
+    # --- the outbox ---------------------------------------------------------------------
+
+    async def run_outbox(self, report: Report) -> Report:
+        while True:
+            async with self.pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn, conn.transaction():
+                job = await conn.fetchrow(
+                    """UPDATE outbox SET attempts = attempts + 1
+                        WHERE id = (SELECT id FROM outbox WHERE done_at IS NULL AND attempts < 20
+                                     ORDER BY id FOR UPDATE SKIP LOCKED LIMIT 1)
+                    RETURNING id, kind, transaction_id""")
+            if job is None:
+                return report
+            try:
+                await self._release(job)
+                report.outbox_done += 1
+            except StripeFailure as failure:
+                report.outbox_failed += 1
+                report.errors.append(f"{job['kind']} {job['transaction_id']}: {failure.message}")
+                await self.pool.execute("UPDATE outbox SET last_error = $2 WHERE id = $1", job["id"], failure.message)
+                if failure.status >= 500:
+                    return report  # Stripe is down: try again on the next pass
+
+    async def _release(self, job: asyncpg.Record) -> None:
+        row = await store.get_transaction(self.pool, job["transaction_id"])
+        assert row is not None and row["stripe_id"]
+        reason = "validation" if job["kind"] == "cancel_validation" else "expired"
+        try:
+            pi = await self.api.cancel_payment_intent(row["id"], row["stripe_id"], reason)
+        except StripeFailure as failure:
+            if failure.status >= 500:
+                raise
+            pi = await self.api.retrieve_payment_intent(row["stripe_id"])  # already canceled, say
+        cause = ("paystream.card_validation.released" if reason == "validation"
+                 else "paystream.authorization.expired")
+        async with self.pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn, conn.transaction():
+            locked = await store.lock_by_id(conn, row["id"])
+            change = change_from_payment_intent(pi, stripe_now())
+            if change is not None:
+                await transitions.apply(conn, locked, change, stripe_event_id=None, cause_type=cause)
+            await conn.execute("UPDATE outbox SET done_at = clock_timestamp(), last_error = NULL WHERE id = $1",
+                               job["id"])
+        log.info("%s done", job["kind"], extra={"transaction_id": row["id"]})
+
+    # --- the sweeper --------------------------------------------------------------------
+
+    async def sweep(self, report: Report, only: list[str] | None = None) -> Report:
+        """Re-check stuck transactions (or just `only`, by txn_ or pi_ id) with Stripe."""
+        stuck = await self.pool.fetch(
+            """SELECT id, stripe_id FROM transactions
+                WHERE status IN ('processing', 'requires_action') AND stripe_id LIKE 'pi\\_%'
+                  AND updated_at < clock_timestamp() - $1::interval
+                  AND ($2::text[] IS NULL OR id = ANY($2) OR stripe_id = ANY($2))
+                ORDER BY updated_at LIMIT 200""", self.stuck_after, only)
+        for row in stuck:
+            report.checked += 1
+            try:
+                pi = await self.api.retrieve_payment_intent(row["stripe_id"])
+            except StripeFailure as failure:
+                report.errors.append(f"retrieve {row['stripe_id']}: {failure.message}")
+                if failure.status >= 500:
+                    break
+                continue
+            change = change_from_payment_intent(pi, stripe_now())
+            if change is None:
+                continue
+            async with self.pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn, conn.transaction():
+                locked = await store.lock_by_id(conn, row["id"])
+                moved, _ = await transitions.apply(conn, locked, change, stripe_event_id=None,
+                                                   cause_type="paystream.reconcile")
+            report.moved += int(moved)
+        expiring = await self.pool.fetch(
+            """INSERT INTO outbox (kind, transaction_id)
+               SELECT 'expire_authorization', id FROM transactions
+                WHERE status = 'requires_capture' AND stripe_id LIKE 'pi\\_%'
+                  AND updated_at < clock_timestamp() - $1::interval
+                  AND ($2::text[] IS NULL OR id = ANY($2) OR stripe_id = ANY($2))
+               ON CONFLICT DO NOTHING RETURNING id""", AUTHORIZATION_LIFETIME, only)
+        report.expiring = len(expiring)
+        if expiring:
+            await self.run_outbox(report)
+        return report

@@ -1,0 +1,105 @@
+"""The one place that calls Stripe: stripe-python's async StripeClient, idempotency keys
+derived from our transaction ids, and Stripe's errors turned into ours."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import stripe
+
+log = logging.getLogger("paystream.stripe_api")
+
+
+class StripeFailure(Exception):
+    """A Stripe call that failed, as the HTTP answer we give for it."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+    def as_error(self) -> dict[str, str]:
+        return {"code": self.code, "message": self.message}
+
+
+@dataclass(frozen=True, slots=True)
+class Created:
+    stripe_id: str
+    client_secret: str | None
+    links: tuple[str, ...] = ()
+
+
+class StripeApi:
+    def __init__(self, api_key: str, api_base: str | None = None, timeout: float = 10) -> None:
+        self.client = stripe.StripeClient(
+            api_key,
+            base_addresses={"api": api_base} if api_base else None,
+            http_client=stripe.HTTPXClient(timeout=timeout),
+            max_network_retries=2,  # stripe-python retries with the same idempotency key
+        )
+
+    async def _call(self, what: str, coro: Any) -> Any:
+        try:
+            return await coro
+        except stripe.CardError as exc:
+            raise StripeFailure(402, "card_declined", exc.user_message or "the card was declined") from None
+        except stripe.InvalidRequestError as exc:
+            raise StripeFailure(400, "stripe_invalid_request",
+                                f"Stripe refused to {what}: {exc.user_message or exc}") from None
+        except (stripe.APIConnectionError, stripe.RateLimitError) as exc:
+            log.warning("Stripe unreachable while trying to %s: %s", what, exc)
+            raise StripeFailure(502, "stripe_unavailable", f"Stripe did not answer; could not {what}") from None
+        except stripe.AuthenticationError:
+            log.error("Stripe refused our API key while trying to %s", what)
+            raise StripeFailure(502, "stripe_misconfigured", "paystream's Stripe key was refused") from None
+        except stripe.StripeError as exc:
+            log.warning("Stripe error while trying to %s: %s", what, exc)
+            raise StripeFailure(502, "stripe_error", f"Stripe failed to {what}") from None
+
+    async def create_payment_intent(self, txn_id: str, *, amount: int, currency: str,
+                                    customer: str | None, capture_method: str,
+                                    metadata: dict[str, str]) -> Created:
+        params: dict[str, Any] = {
+            "amount": amount, "currency": currency, "capture_method": capture_method,
+            "metadata": metadata, "payment_method_types": ["card"],
+        }
+        if customer:
+            params["customer"] = customer
+        pi = await self._call("create a PaymentIntent", self.client.v1.payment_intents.create_async(
+            params=params, options={"idempotency_key": f"paystream-{txn_id}-create"}))
+        return Created(pi.id, pi.client_secret)
+
+    async def create_invoice(self, txn_id: str, *, amount: int, currency: str, customer: str,
+                             coupon: str | None, metadata: dict[str, str]) -> Created:
+        """An invoice for `amount` (an invoice item), with the coupon as its discount,
+        finalised so that it has a PaymentIntent the browser can pay."""
+        await self._call("add an invoice item", self.client.v1.invoice_items.create_async(
+            params={"customer": customer, "amount": amount, "currency": currency,
+                    "description": f"paystream {txn_id}"},
+            options={"idempotency_key": f"paystream-{txn_id}-item"}))
+        params: dict[str, Any] = {"customer": customer, "metadata": metadata}
+        if coupon:
+            params["discounts"] = [{"coupon": coupon}]
+        invoice = await self._call("create an invoice", self.client.v1.invoices.create_async(
+            params=params, options={"idempotency_key": f"paystream-{txn_id}-invoice"}))
+        # Since API 2025-03-31 an invoice has no payment_intent field: the browser pays
+        # with its confirmation_secret, and its PaymentIntents are listed under payments.
+        invoice = await self._call("finalize the invoice", self.client.v1.invoices.finalize_invoice_async(
+            invoice.id, params={"expand": ["confirmation_secret", "payments"]},
+            options={"idempotency_key": f"paystream-{txn_id}-finalize"}))
+        secret_obj = getattr(invoice, "confirmation_secret", None)
+        secret = getattr(secret_obj, "client_secret", None) if secret_obj else None
+        links = []
+        for item in getattr(getattr(invoice, "payments", None), "data", None) or []:
+            pi = getattr(getattr(item, "payment", None), "payment_intent", None)
+            if isinstance(pi, str):
+                links.append(pi)
+        return Created(invoice.id, secret, links=tuple(links))
+
+    async def retrieve_payment_intent(self, pi_id: str) -> Any:
+        return await self._call("read the PaymentIntent", self.client.v1.payment_intents.retrieve_async(pi_id))
+
+    async def cancel_payment_intent(self, txn_id: str, pi_id: str, reason: str) -> Any:
+        return await self._call("cancel the PaymentIntent", self.client.v1.payment_intents.cancel_async(
+            pi_id, options={"idempotency_key": f"paystream-{txn_id}-cancel-{reason}"}))

@@ -1,0 +1,111 @@
+"""What every stream (SSE, WebSocket, long-poll) shares: who may read a transaction, and
+opening a subscription.  Every stream opens the same way (open_subscription): register
+with the hub first, then read, so no event can fall between the read and the first
+push.  After that, what a client sees comes only from its Subscription: ordered by seq,
+never twice.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+from starlette.requests import HTTPConnection, Request
+
+from paystream.auth import access
+from paystream.auth.tokens import Grant
+from paystream.changes import store
+from paystream.errors import ApiError
+from paystream.push.hub import Hub
+from paystream.push.subscription import Subscription
+
+
+def precheck(grant: Grant, any_id: str) -> None:
+    """Refuse, before any query, an id a transaction-list token does not name."""
+    if not grant.backend and grant.cus is None and any_id not in grant.txn:
+        raise ApiError(403, "forbidden", "the token does not cover this transaction")
+
+
+def covered(grant: Grant, any_id: str, row: asyncpg.Record | None) -> asyncpg.Record:
+    """The row, if the grant covers it.  A customer token gets the same 403 for an id
+    that does not exist as for another customer's, so it cannot probe which ids exist;
+    the API key, or a token naming the id, learns 404."""
+    if row is not None and grant.allows(row["id"], row["stripe_id"], row["customer_id"]):
+        return row
+    if row is None and (grant.backend or any_id in grant.txn):
+        raise ApiError(404, "not_found", f"no transaction {any_id!r}")
+    raise ApiError(403, "forbidden", "the token does not cover this transaction")
+
+
+async def read_covered(pool: asyncpg.Pool, grant: Grant, any_id: str) -> asyncpg.Record:
+    precheck(grant, any_id)
+    return covered(grant, any_id, await store.get_transaction(pool, any_id))
+
+
+async def open_subscription(
+    conn: HTTPConnection, any_id: str, grant: Grant, after: int | None
+) -> tuple[asyncpg.Record, Subscription]:
+    """Authorise, subscribe, and read the transaction (after subscribing when a snapshot
+    is wanted). Raises ApiError 403/404; never leaves a subscription behind on error."""
+    hub: Hub = conn.app.state.hub
+    pool: asyncpg.Pool = conn.app.state.pool
+    precheck(grant, any_id)
+    sub: Subscription | None = None
+    if any_id.startswith("txn_") and after is None:
+        sub = hub.subscribe(any_id)  # the common case: one query, after subscribing
+    try:
+        row = covered(grant, any_id, await store.get_transaction(pool, any_id))
+        if sub is None:
+            sub = hub.subscribe(row["id"], after)
+            if after is None:
+                row = await store.get_transaction(pool, row["id"])
+                assert row is not None
+        if after is None:
+            hub.activate(sub, row["seq"])
+        return row, sub
+    except BaseException:
+        if sub is not None:
+            hub.unsubscribe(sub)
+        raise
+
+
+async def open_stream(
+    request: Request, any_id: str, grant: Grant, after: int | None
+) -> tuple[asyncpg.Record, Subscription, Callable[[], None]]:
+    """A counted stream (429 past the limits) over open_subscription; call the returned
+    release() when the stream ends."""
+    release = request.app.state.limits.acquire(grant, access.credential(request), access.address(request))
+    try:
+        row, sub = await open_subscription(request, any_id, grant, after)
+    except BaseException:
+        release()
+        raise
+    return row, sub, release
+
+
+def cursor(value: str | None, name: str) -> int | None:
+    if value is None or value == "":
+        return None
+    if not (value.isascii() and value.isdigit()) or len(value) > 9:  # "²".isdigit() is true
+        raise ApiError(400, "bad_request", f"{name} must be a whole number of at least 0")
+    return int(value)
+
+
+def flag(value: str | None, name: str) -> bool:
+    if value is None or value.lower() in ("false", "0", ""):
+        return False
+    if value.lower() in ("true", "1"):
+        return True
+    raise ApiError(400, "bad_request", f"{name} must be true or false")
+
+
+def state_of(data: str) -> dict[str, Any]:
+    """The transaction JSON inside a pushed event (without previous_status and cause)."""
+    state = json.loads(data)
+    state.pop("previous_status", None)
+    state.pop("cause", None)
+    return state
+
+
