@@ -156,3 +156,49 @@ def test_random_stories_end_in_one_status_whatever_the_order(story: list[Change]
 
 def test_final_statuses() -> None:
     assert FINAL == {"succeeded", "canceled", "refunded"}
+
+
+def _dispute(status: str) -> dict:
+    return {"id": "du_1", "amount": 500, "currency": "usd", "status": status}
+
+
+def fold_disputes(changes: list[Change]) -> tuple[str, dict | None, int]:
+    """Like fold, keeping the dispute; also counts the moves logged."""
+    state = State("requires_payment_method", None)
+    logged = 0
+    for change in changes:
+        for move in decide(state, change).moves:
+            state = State(move.status, move.at, move.last_error, state.amount_refunded,
+                          move.dispute if move.dispute is not None else state.dispute)
+            logged += 1
+    return state.status, state.dispute, logged
+
+
+def test_every_order_of_a_disputed_payment_ends_disputed_with_the_latest_stage() -> None:
+    story = [Change("processing", at(0)), Change("succeeded", at(1)),
+             Change("disputed", at(5), dispute=_dispute("needs_response")),
+             Change("disputed", at(6), dispute=_dispute("under_review")),
+             Change("disputed", at(9), dispute=_dispute("won"))]
+    ends = {(s, d["status"] if d else None) for s, d, _ in
+            (fold_disputes(list(p)) for p in itertools.permutations(story))}
+    assert ends == {("disputed", "won")}
+    # In order: processing, succeeded, the chargeback, its closing (under_review is no news).
+    assert fold_disputes(story)[2] == 4
+
+
+def test_a_dispute_before_success_holds_and_success_arriving_late_changes_nothing() -> None:
+    state = State("processing", at(0))
+    [move] = decide(state, Change("disputed", at(5), dispute=_dispute("needs_response"))).moves
+    assert move.status == "disputed"
+    state = State("disputed", at(5), dispute=_dispute("needs_response"))
+    assert decide(state, Change("succeeded", at(1))).moves == ()
+
+
+def test_an_older_dispute_stage_delivered_late_is_ignored() -> None:
+    won = State("disputed", at(9), dispute=_dispute("won"))
+    assert decide(won, Change("disputed", at(5), dispute=_dispute("needs_response"))).moves == ()
+    assert decide(won, Change("disputed", at(9), dispute=_dispute("won"))).moves == ()
+
+
+def test_a_canceled_payment_cannot_be_disputed() -> None:
+    assert decide(State("canceled", at(0)), Change("disputed", at(5), dispute=_dispute("needs_response"))).moves == ()

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from paystream.ingest.stripe_events import MalformedEvent, check_envelope, interpret, is_supported
+from paystream.ingest.stripe_events import (
+    MalformedEvent,
+    UnusableEvent,
+    check_envelope,
+    interpret,
+    is_supported,
+)
 from tests.support import fixture_event
 
 
@@ -113,3 +119,65 @@ def test_refund_failures_keep_the_status_and_show_the_error() -> None:
 def test_setup_intents_are_card_validations() -> None:
     meaning = interpret(fixture_event("setup_intent.succeeded__stripe-ruby-mock"))
     assert (meaning.kind, meaning.change.status) == ("card_validation", "succeeded")
+
+
+# --- bodies that cannot be Stripe events, and authentic events paystream cannot use ------
+
+
+def _pi_event(**obj: object) -> dict:
+    event = fixture_event("payment_intent.succeeded__stripe-ruby-mock")
+    event["data"]["object"].update(obj)
+    return event
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"id": "evt_" + "a" * 500_000}, "`id`"),
+        ({"id": "evt_with space"}, "`id`"),
+        ({"type": "payment_intent.succeeded\x00"}, "`type`"),
+        ({"created": 2**40 - 1}, "`created`"),
+        ({"created": -1}, "`created`"),
+        ({"api_version": "2020\x00"}, "`api_version`"),
+    ],
+)
+def test_an_envelope_outside_stripes_bounds_is_malformed(change: dict, field: str) -> None:
+    event = fixture_event("payment_intent.succeeded__stripe-ruby-mock")
+    event.update(change)
+    with pytest.raises(MalformedEvent, match=field):
+        check_envelope(event)
+
+
+@pytest.mark.parametrize("object_id", ["pi_\ud800", "pi_\x00", "x" * 256, ""])
+def test_an_object_id_postgres_cannot_store_is_malformed(object_id: str) -> None:
+    with pytest.raises(MalformedEvent, match="data.object.id"):
+        check_envelope(_pi_event(id=object_id))
+
+
+@pytest.mark.parametrize("amount", [-1, 2**63, float("nan"), float("inf"), 1.5, "100", True])
+def test_an_amount_stripe_never_sends_makes_the_event_unusable(amount: object) -> None:
+    event = _pi_event(amount=amount)
+    check_envelope(event)  # the envelope is fine: it is kept, not refused
+    with pytest.raises(UnusableEvent, match="amount"):
+        interpret(event)
+
+
+@pytest.mark.parametrize("metadata", [{"k": "a\x00b"}, {"k\x00": "v"}, {"k": "\udc80"}, {"k": {"deep": ["\x00"]}}])
+def test_metadata_postgres_cannot_store_makes_the_event_unusable(metadata: dict) -> None:
+    with pytest.raises(UnusableEvent, match="metadata"):
+        interpret(_pi_event(metadata=metadata))
+
+
+def test_a_dispute_event_carries_its_dispute() -> None:
+    event = fixture_event("charge.dispute.created__stripe-ruby-mock")
+    meaning = interpret(event)
+    obj = event["data"]["object"]
+    assert meaning.change is not None and meaning.change.status == "disputed"
+    assert meaning.change.dispute == {"id": obj["id"], "amount": obj["amount"], "currency": obj["currency"],
+                                      "status": obj["status"]}
+    assert not meaning.target_amount  # a dispute's amount is not the PaymentIntent's
+
+
+def test_only_the_object_itself_vouches_for_its_amount() -> None:
+    assert interpret(fixture_event("payment_intent.succeeded__stripe-ruby-mock")).target_amount
+    assert not interpret(fixture_event("charge.succeeded__stripe-ruby-mock")).target_amount

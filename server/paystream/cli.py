@@ -235,6 +235,8 @@ def cmd_events(args: argparse.Namespace) -> int:
         "failed": "outcome = 'failed'",
         "unprocessed": "processed_at IS NULL",
         "unrouted": "outcome = 'unrouted'",
+        "invalid": "outcome = 'invalid'",
+        "mismatched": "outcome = 'mismatched'",
         "all": "true",
     }[args.which]
 
@@ -307,7 +309,8 @@ def cmd_trigger(args: argparse.Namespace) -> int:
     try:
         event = trigger.build(args.event, args.id, amount=args.amount, currency=args.currency,
                               customer=args.customer, metadata=metadata,
-                              amount_refunded=args.amount_refunded)
+                              amount_refunded=args.amount_refunded, dispute_id=args.dispute_id,
+                              dispute_status=args.dispute_status)
     except ValueError as exc:
         print(f"paystream trigger: {exc}", file=sys.stderr)
         return 2
@@ -381,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="List stored Stripe events as JSON lines (newest first), or "
                        "with --reprocess apply unprocessed ones again (oldest first), e.g. after a "
                        "fix for the error they failed with. A processed event is never applied twice.")
-    p.add_argument("which", nargs="?", default="failed", choices=["failed", "unprocessed", "unrouted", "all"],
+    p.add_argument("which", nargs="?", default="failed", choices=["failed", "unprocessed", "unrouted", "invalid", "mismatched", "all"],
                    help="which events (default: failed)")
     p.add_argument("--reprocess", action="store_true", help="apply them again")
     p.add_argument("--id", action="append", default=[], metavar="EVT", help="only this event (repeatable)")
@@ -405,6 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--id", required=True, help="the PaymentIntent id (pi_…)")
     p.add_argument("--amount", type=int, default=1500, help="in the smallest unit (default 1500)")
     p.add_argument("--amount-refunded", type=int, default=None, help="charge.refunded: partial")
+    p.add_argument("--dispute-id", default=None, help="charge.dispute.*: the dispute (du_…), to close one")
+    p.add_argument("--dispute-status", default=None,
+                   help="charge.dispute.*: its status (default needs_response when created, won when closed)")
     p.add_argument("--currency", default="usd")
     p.add_argument("--customer", default=None)
     p.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE")

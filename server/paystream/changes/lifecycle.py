@@ -70,6 +70,7 @@ class Change:
     last_error: dict[str, Any] | None = None
     amount_refunded: int | None = None  # charge.refunded: the running total Stripe reports
     refund_error: dict[str, Any] | None = None  # refund.failed: the status stays, the error shows
+    dispute: dict[str, Any] | None = None  # charge.dispute.*: {id, amount, currency, status}
 
     @property
     def declined(self) -> bool:
@@ -82,6 +83,7 @@ class State:
     at: datetime | None
     last_error: dict[str, Any] | None = None
     amount_refunded: int = 0
+    dispute: dict[str, Any] | None = None
 
 
 # Stripe moves a PaymentIntent down only through a failed attempt.  A newer event at a
@@ -91,6 +93,21 @@ INFERRED_DECLINE: dict[str, Any] = {
     "code": "attempt_failed",
     "message": "an earlier payment attempt failed (inferred from a later retry)",
 }
+
+
+# A dispute's progress, as far as the money goes: an inquiry (no funds withdrawn yet),
+# a chargeback (funds withdrawn), closed (won, lost, or an inquiry closed).  A dispute's
+# own status moves through these in order; later Stripe statuses within one stage
+# (needs_response → under_review) are not news for the browser or the ledger.
+_DISPUTE_STAGE = {"warning_needs_response": 0, "warning_under_review": 0, "needs_response": 1,
+                  "under_review": 1, "warning_closed": 2, "won": 2, "lost": 2}
+DISPUTE_FUNDS_WITHDRAWN = frozenset({"needs_response", "under_review", "won", "lost"})
+
+
+def dispute_stage(dispute: dict[str, Any] | None) -> int:
+    if dispute is None:
+        return -1
+    return _DISPUTE_STAGE.get(str(dispute.get("status")), 1)  # an unknown status: an open chargeback
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +130,8 @@ def decide(current: State, change: Change) -> Decision:
       seconds: in a tie a decline wins (a step then its failure in one second is the
       usual case), then the higher rank.
     """
+    if change.dispute is not None:
+        return _decide_dispute(current, change)
     if change.refund_error is not None:
         if current.status in REFUNDABLE and current.last_error != change.refund_error:
             return Decision((Change(current.status, change.at, last_error=change.refund_error,
@@ -144,3 +163,18 @@ def decide(current: State, change: Change) -> Decision:
     if change.status == "requires_payment_method":
         return Decision((decline,))
     return Decision((decline, change))
+
+
+def _decide_dispute(current: State, change: Change) -> Decision:
+    """A dispute moves a transaction to `disputed` (from any status but canceled, even
+    before the success it follows arrives: success can no longer change it), and each
+    later stage of the same dispute is logged once (an inquiry becoming a chargeback, its
+    closing as won or lost); an older stage delivered late changes nothing."""
+    if current.status != "disputed":
+        if not transition_allowed(current.status, "disputed", declined=False):
+            return IGNORE
+        return Decision((change,))
+    if dispute_stage(change.dispute) > dispute_stage(current.dispute):
+        return Decision((Change("disputed", change.at, dispute=change.dispute,
+                                amount_refunded=current.amount_refunded),))
+    return IGNORE

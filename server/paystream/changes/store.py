@@ -14,7 +14,7 @@ CHANNEL = "paystream"
 
 TXN_COLUMNS = (
     "id, stripe_id, kind, status, amount, currency, customer_id, metadata, last_error,"
-    " validated, seq, status_at, updated_at, amount_refunded"
+    " validated, seq, status_at, updated_at, amount_refunded, dispute"
 )
 
 
@@ -46,6 +46,7 @@ def render(row: asyncpg.Record | dict[str, Any]) -> dict[str, Any]:
         "last_error": row["last_error"],
         "validated": row["validated"],
         "amount_refunded": row["amount_refunded"],
+        "dispute": row["dispute"],
         "seq": row["seq"],
         "updated_at": timestamp(row["updated_at"]),
     }
@@ -151,13 +152,15 @@ async def insert_transaction(
     validated: bool = False,
     status_at: datetime | None = None,
     amount_refunded: int = 0,
+    dispute: dict[str, Any] | None = None,
     txn_id: str | None = None,
 ) -> asyncpg.Record | None:
     """Create a transaction at seq 1; None if another request created its stripe_id first."""
     return await conn.fetchrow(
         f"""INSERT INTO transactions (id, stripe_id, kind, status, amount, currency, customer_id,
-                                      metadata, last_error, validated, seq, status_at, amount_refunded)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 1, $11, $12)
+                                      metadata, last_error, validated, seq, status_at, amount_refunded,
+                                      dispute)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 1, $11, $12, $13)
             ON CONFLICT (stripe_id) DO NOTHING
             RETURNING {TXN_COLUMNS}""",
         txn_id or new_transaction_id(),
@@ -172,6 +175,7 @@ async def insert_transaction(
         validated,
         status_at,
         amount_refunded,
+        dispute,
     )
 
 
@@ -302,7 +306,7 @@ async def move_and_log(
         """WITH moved AS (
              UPDATE transactions
                 SET status = $3, last_error = $4, validated = $5, status_at = $6,
-                    amount_refunded = $7, seq = $2, updated_at = $8
+                    amount_refunded = $7, seq = $2, updated_at = $8, dispute = $16
               WHERE id = $1 AND seq = $2 - 1
           RETURNING id),
            logged AS (
@@ -331,6 +335,7 @@ async def move_and_log(
         CHANNEL,
         payload,
         finish_event,
+        moved["dispute"],
     )
     if logged != 1:
         raise RuntimeError(f"transaction {moved['id']}: not at seq {moved['seq'] - 1} (moved by someone else?)")

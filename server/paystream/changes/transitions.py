@@ -15,6 +15,7 @@ from paystream import effects
 from paystream.changes import store
 from paystream.changes.lifecycle import Change, State, decide
 from paystream.ingest.stripe_events import Meaning, interpret
+from paystream.ops import metrics
 
 log = logging.getLogger("paystream.transitions")
 
@@ -35,6 +36,7 @@ def next_row(row: asyncpg.Record | dict[str, Any], move: Change) -> dict[str, An
         "validated": row["validated"] or _validates(row["kind"], move.status),
         "status_at": max(move.at, row["status_at"]) if row["status_at"] else move.at,
         "amount_refunded": max(row["amount_refunded"], move.amount_refunded or 0),
+        "dispute": move.dispute if move.dispute is not None else row["dispute"],
         "seq": row["seq"] + 1,
         # Our clock, not the database's, so the pushed JSON is written with the row; never
         # behind the row's last change (the row is locked: no one else moves it meanwhile).
@@ -47,8 +49,8 @@ async def apply(conn: asyncpg.Connection, row: asyncpg.Record | dict[str, Any], 
                 finish_event: bool = False) -> tuple[bool, asyncpg.Record | dict[str, Any]]:
     """Apply one change to a locked transaction row; True if anything visible changed.
     With finish_event, the last move also records stripe_event_id as applied."""
-    decision = decide(State(row["status"], row["status_at"], row["last_error"], row["amount_refunded"]),
-                      change)
+    decision = decide(State(row["status"], row["status_at"], row["last_error"], row["amount_refunded"],
+                            row["dispute"]), change)
     if decision.touch:
         await store.touch_transaction(conn, row["id"], change.at)
     for k, move in enumerate(decision.moves):
@@ -70,7 +72,7 @@ async def create(conn: asyncpg.Connection, *, stripe_id: str | None, kind: str, 
         conn, stripe_id=stripe_id, kind=kind, status=change.status, amount=amount, currency=currency,
         customer_id=customer_id, metadata=metadata, last_error=change.last_error,
         validated=_validates(kind, change.status), status_at=change.at,
-        amount_refunded=change.amount_refunded or 0, txn_id=txn_id)
+        amount_refunded=change.amount_refunded or 0, dispute=change.dispute, txn_id=txn_id)
     if row is not None:
         data = await _with_effects(conn, row, None, stripe_event_id, cause_type)
         await store.append_event(conn, row, previous_status=None, stripe_event_id=stripe_event_id,
@@ -131,6 +133,28 @@ async def route_event(conn: asyncpg.Connection, event: dict[str, Any], meaning: 
     return ("applied" if moved else "no_change"), row["id"], moved
 
 
+class Mismatched(Exception):
+    """A Stripe object names one of our transactions in its metadata but is not the
+    object that transaction was created for: linking it could credit the wrong account."""
+
+
+def _mismatch(row: asyncpg.Record, meaning: Meaning) -> str | None:
+    """Why `meaning`'s Stripe object may not be linked to `row`, or None if it matches:
+    the transaction has no other object of its own, and currency, customer (where both
+    are set) and, for the object itself, amount agree.  (An invoice's amount may differ
+    from ours by its discount, so only its currency and customer are compared.)"""
+    named = f"{meaning.stripe_id} names {row['id']} in its metadata"
+    if row["stripe_id"] is not None and row["stripe_id"] != meaning.stripe_id:
+        return f"{named}, which is linked to {row['stripe_id']}"
+    if meaning.currency != "xxx" and meaning.currency != row["currency"]:
+        return f"{named}, but its currency is {meaning.currency}, not {row['currency']}"
+    if meaning.customer_id and row["customer_id"] and meaning.customer_id != row["customer_id"]:
+        return f"{named}, but its customer is {meaning.customer_id}, not {row['customer_id']}"
+    if meaning.target_amount and row["kind"] != "invoice" and meaning.amount != row["amount"]:
+        return f"{named}, but its amount is {meaning.amount}, not {row['amount']}"
+    return None
+
+
 async def _by_reference(conn: asyncpg.Connection, event: dict[str, Any], meaning: Meaning) -> asyncpg.Record | None:
     """The Stripe object names our transaction in its metadata but is not linked yet (our
     create call has not stored Stripe's answer).  Link it; or, if the row itself is not
@@ -144,6 +168,9 @@ async def _by_reference(conn: asyncpg.Connection, event: dict[str, Any], meaning
             "INSERT INTO parked_events (stripe_event_id, transaction_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
             event["id"], ref)
         return None
+    problem = _mismatch(row, meaning)
+    if problem is not None:
+        raise Mismatched(problem)
     if row["stripe_id"] is None:
         await store.set_stripe_id(conn, row["id"], meaning.stripe_id)
         row = await store.lock_by_id(conn, row["id"])
@@ -155,7 +182,14 @@ async def _by_reference(conn: asyncpg.Connection, event: dict[str, Any], meaning
 async def apply_stored_event(conn: asyncpg.Connection, event: dict[str, Any], meaning: Meaning | None = None,
                              locked: asyncpg.Record | None = None) -> tuple[str, str | None]:
     """Route an event already in stripe_events and record its outcome there."""
-    outcome, txn_id, finished = await route_event(conn, event, meaning, locked)
+    try:
+        outcome, txn_id, finished = await route_event(conn, event, meaning, locked)
+    except Mismatched as exc:
+        # Kept, answered, applied to nothing: an operator decides (`paystream events mismatched`).
+        log.warning("event not linked: %s", exc, extra={"stripe_event_id": event["id"], "event_type": event["type"]})
+        metrics.MISMATCHED.inc()
+        await store.finish_stripe_event(conn, event["id"], outcome="mismatched", error=str(exc)[:2000])
+        return "mismatched", None
     if not finished:
         parked = outcome == "parked"  # txn_id names a row not written yet: no link
         await store.finish_stripe_event(conn, event["id"], outcome=outcome,

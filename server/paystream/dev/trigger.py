@@ -53,6 +53,7 @@ TRIGGERABLE = (
     "charge.captured",
     "charge.refunded",
     "charge.dispute.created",
+    "charge.dispute.closed",
 )
 
 
@@ -114,7 +115,8 @@ def charge(pi_id: str, *, amount: int, currency: str = "usd", captured: bool = T
 
 def build(event_type: str, object_id: str, *, amount: int = 1500, currency: str = "usd",
           customer: str | None = None, metadata: dict[str, str] | None = None,
-          amount_refunded: int | None = None, created: int | None = None) -> dict[str, Any]:
+          amount_refunded: int | None = None, created: int | None = None,
+          dispute_id: str | None = None, dispute_status: str | None = None) -> dict[str, Any]:
     """A realistic event of `event_type` about PaymentIntent `object_id`."""
     common = {"currency": currency, "customer": customer, "metadata": metadata}
     if event_type in PAYMENT_INTENT_STATUS_BY_EVENT:
@@ -127,10 +129,11 @@ def build(event_type: str, object_id: str, *, amount: int = 1500, currency: str 
     elif event_type == "charge.refunded":
         refunded = amount if amount_refunded is None else amount_refunded
         obj = charge(object_id, amount=amount, amount_refunded=refunded, **common)
-    elif event_type == "charge.dispute.created":
-        obj = {"id": stripe_id("du_"), "object": "dispute", "amount": amount, "currency": currency,
+    elif event_type in ("charge.dispute.created", "charge.dispute.closed"):
+        default = "needs_response" if event_type.endswith("created") else "won"
+        obj = {"id": dispute_id or stripe_id("du_"), "object": "dispute", "amount": amount, "currency": currency,
                "charge": stripe_id("ch_"), "payment_intent": object_id, "reason": "fraudulent",
-               "status": "needs_response", "metadata": metadata or {}}
+               "status": dispute_status or default, "metadata": metadata or {}}
     else:
         raise ValueError(f"cannot build {event_type!r}; choose from: {', '.join(TRIGGERABLE)}")
     return envelope(event_type, obj, created=created)

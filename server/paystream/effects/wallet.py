@@ -1,5 +1,6 @@
 """Built-in effect: the wallet ledger.  A wallet top-up that succeeds credits the
-customer's wallet; a refund reverses the refunded part.  Double entry: every group of
+customer's wallet; a refund reverses the refunded part; a dispute reverses the disputed
+part while it holds the funds, and posts it back if won.  Double entry: every group of
 entries sums to zero (the schema checks it at commit), and each group's key is unique, so
 no replay or reorder can post it twice."""
 
@@ -10,7 +11,7 @@ from typing import Any
 
 import asyncpg
 
-from paystream.changes.lifecycle import REFUNDABLE
+from paystream.changes.lifecycle import DISPUTE_FUNDS_WITHDRAWN, REFUNDABLE
 
 log = logging.getLogger("paystream.effects.wallet")
 
@@ -47,6 +48,21 @@ async def _posted(conn: asyncpg.Connection, txn: dict[str, Any], prefix: str) ->
         txn["id"], wallet_account(txn["customer_id"]), prefix)
 
 
+async def _dispute(conn: asyncpg.Connection, txn: dict[str, Any]) -> None:
+    """A dispute that withdrew the funds reverses the disputed part of the credit; one
+    closed as won posts it back.  Each is a group keyed by the dispute, so duplicates and
+    any order (won seen before, or without, the withdrawal) post each once."""
+    dispute = txn.get("dispute")
+    if not dispute or dispute.get("status") not in DISPUTE_FUNDS_WITHDRAWN:
+        return
+    amount = min(int(dispute.get("amount") or 0), txn["amount"])
+    if amount <= 0:
+        return
+    await _post(conn, f"dispute:{txn['id']}:{dispute['id']}", txn, -amount)
+    if dispute["status"] == "won":
+        await _post(conn, f"dispute_won:{txn['id']}:{dispute['id']}", txn, amount)
+
+
 class WalletLedger:
     name = "wallet"
 
@@ -69,6 +85,7 @@ class WalletLedger:
             if refunded > reversed_so_far:
                 await _post(conn, f"refund:{transaction['id']}:{refunded}", transaction,
                             -(refunded - reversed_so_far))
+            await _dispute(conn, transaction)
         return {"balance": {"customer_id": customer, "amount": await wallet_balance(conn, customer),
                             "currency": transaction["currency"]}}
 

@@ -6,6 +6,9 @@ fixture bodies.
 
 from __future__ import annotations
 
+import math
+import re
+import time
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -17,7 +20,26 @@ SUPPORTED_PREFIXES = ("payment_intent.", "charge.", "refund.", "invoice.", "setu
 
 
 class MalformedEvent(ValueError):
-    """A verified body that is not a Stripe event we can read."""
+    """A verified body that cannot be a Stripe event (answered 400, nothing stored)."""
+
+
+class UnusableEvent(ValueError):
+    """An event with Stripe's envelope whose fields paystream reads hold what Stripe never
+    sends (a negative or non-integer amount, a NUL or a lone surrogate in metadata):
+    kept for operators with outcome `invalid`, never applied, never a 500."""
+
+
+# Stripe's ids and event types are short printable ASCII; the bounds keep a body that
+# only looks like an event out of the database (Postgres text holds no NUL, and a lone
+# surrogate cannot be encoded).
+_EVENT_ID = re.compile(r"^evt_[\x21-\x7e]{1,251}$")
+_OBJECT_ID = re.compile(r"^[\x21-\x7e]{1,255}$")
+_EVENT_TYPE = re.compile(r"^[a-z0-9_]+(\.[a-z0-9_]+){1,4}$")
+_API_VERSION = re.compile(r"^[0-9A-Za-z.\-_]{1,64}$")
+# Stripe began in 2010; an event from further than this in the future would win every
+# ordering decision against the real ones for years.
+_EARLIEST = 1262304000  # 2010-01-01
+_FUTURE_SLACK = 3600
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +56,9 @@ class Meaning:
     metadata: dict[str, Any] = field(default_factory=dict)
     # Other Stripe objects that speak for the same transaction (an invoice's PaymentIntents).
     links: tuple[str, ...] = ()
+    # `amount` is the linked object's own (the event is about the PaymentIntent or
+    # invoice itself, not a charge, refund or dispute of it).
+    target_amount: bool = False
 
     @property
     def transaction_ref(self) -> str | None:
@@ -50,19 +75,23 @@ def check_envelope(event: Any) -> None:
     """Raise MalformedEvent unless `event` has the envelope every Stripe event has."""
     if not isinstance(event, dict):
         raise MalformedEvent("the body is not a JSON object")
-    if not isinstance(event.get("id"), str) or not event["id"].startswith("evt_") or "\x00" in event["id"]:
-        raise MalformedEvent("`id` must be a Stripe event id (evt_…)")
-    if not isinstance(event.get("type"), str) or not event["type"]:
-        raise MalformedEvent("`type` is missing")
+    if not isinstance(event.get("id"), str) or not _EVENT_ID.match(event["id"]):
+        raise MalformedEvent("`id` must be a Stripe event id (evt_ and up to 251 printable ASCII characters)")
+    if not isinstance(event.get("type"), str) or not _EVENT_TYPE.match(event["type"]):
+        raise MalformedEvent("`type` must be a Stripe event type such as payment_intent.succeeded")
     created = event.get("created")
-    if not isinstance(created, int) or isinstance(created, bool) or not 0 <= created < 2**40:
-        raise MalformedEvent("`created` must be a Unix timestamp")
+    if (not isinstance(created, int) or isinstance(created, bool)
+            or not _EARLIEST <= created <= time.time() + _FUTURE_SLACK):
+        raise MalformedEvent("`created` must be a Unix timestamp between 2010 and now")
     data = event.get("data")
     if not isinstance(data, dict) or not isinstance(data.get("object"), dict):
         raise MalformedEvent("`data.object` is missing")
-    object_id = _str(data["object"].get("id"))
-    if not object_id or "\x00" in object_id or len(object_id) > 255:
-        raise MalformedEvent("`data.object.id` is missing or not an id")
+    object_id = data["object"].get("id")
+    if not isinstance(object_id, str) or not _OBJECT_ID.match(object_id):
+        raise MalformedEvent("`data.object.id` must be an id of up to 255 printable ASCII characters")
+    version = event.get("api_version")
+    if version is not None and not (isinstance(version, str) and _API_VERSION.match(version)):
+        raise MalformedEvent("`api_version` must be a Stripe API version")
 
 
 def event_time(event: dict[str, Any]) -> datetime:
@@ -78,8 +107,40 @@ def _str(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def _amount(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_AMOUNT else 0
+def _amount(value: Any, name: str = "amount") -> int:
+    """An amount in the smallest unit: absent is 0; anything but a whole number from 0 to
+    2^63 - 1 (negative, huge, NaN, 1e400, text) makes the event unusable."""
+    if value is None:
+        return 0
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_AMOUNT:
+        return value
+    raise UnusableEvent(f"`{name}` is {str(value)[:40]!r}, not a whole number of the smallest unit")
+
+
+def _storable(value: Any, where: str) -> Any:
+    """`value` if Postgres can store it as JSON text (no NUL, no lone surrogate), else
+    UnusableEvent naming where."""
+    if isinstance(value, str):
+        if "\x00" in value or not value.isascii() and _has_surrogate(value):
+            raise UnusableEvent(f"{where} holds a NUL or a lone surrogate")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _storable(key, where)
+            _storable(item, where)
+    elif isinstance(value, list):
+        for item in value:
+            _storable(item, where)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise UnusableEvent(f"{where} holds a number JSON cannot carry")
+    return value
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _currency(value: Any) -> str:
@@ -92,8 +153,8 @@ def _currency(value: Any) -> str:
 def _error_of(obj: Any) -> dict[str, Any] | None:
     if not isinstance(obj, dict) or not obj:
         return None
-    err = {k: obj[k] for k in ("code", "decline_code", "message", "type") if _str(obj.get(k))}
-    return err or {"code": "payment_failed"}
+    err = {k: obj[k][:500] for k in ("code", "decline_code", "message", "type") if _str(obj.get(k))}
+    return _storable(err, "`last_payment_error`") or {"code": "payment_failed"}
 
 
 def _id(value: Any) -> str | None:
@@ -111,16 +172,20 @@ def _kind(obj: dict[str, Any], default: str) -> str:
 
 def _base(obj: dict[str, Any], stripe_id: str | None, change: Change | None, kind: str,
           links: tuple[str, ...] = ()) -> Meaning:
-    meta = obj.get("metadata")
+    meta = _storable(obj.get("metadata"), "`metadata`")
+    customer = _storable(_id(obj.get("customer")), "`customer`")
+    if stripe_id is not None:
+        _storable(stripe_id, "the object's id")
     return Meaning(
         stripe_id=stripe_id,
         change=change,
         amount=_amount(obj.get("amount", obj.get("amount_due", 0))),
         currency=_currency(obj.get("currency")),
-        customer_id=_id(obj.get("customer")),
+        customer_id=customer if customer is None or len(customer) <= 255 else None,
         kind=_kind(obj, kind),
         metadata=dict(meta) if isinstance(meta, dict) else {},
-        links=links,
+        links=tuple(_storable(link, "a linked id") for link in links),
+        target_amount=obj.get("id") == stripe_id and obj.get("object") in ("payment_intent", "invoice"),
     )
 
 
@@ -168,7 +233,7 @@ def _charge(event: dict[str, Any], obj: dict[str, Any], at: datetime) -> Meaning
     elif etype == "charge.refunded" and captured:
         # An uncaptured charge "refunded" is Stripe releasing a canceled authorization:
         # not a refund of ours, so it moves nothing (the PI's canceled event does).
-        amount, refunded = _amount(obj.get("amount")), _amount(obj.get("amount_refunded"))
+        amount, refunded = _amount(obj.get("amount")), _amount(obj.get("amount_refunded"), "amount_refunded")
         full = obj.get("refunded") is True or (amount > 0 and refunded >= amount)
         change = Change("refunded" if full else "partially_refunded", at, amount_refunded=refunded)
     elif etype == "charge.refund.updated" and obj.get("status") == "failed":
@@ -177,8 +242,10 @@ def _charge(event: dict[str, Any], obj: dict[str, Any], at: datetime) -> Meaning
         change = Change("canceled", at)
     elif etype.startswith("charge.dispute."):
         target = _id(obj.get("payment_intent")) or _id(obj.get("charge")) or obj["id"]
-        if etype == "charge.dispute.created":
-            change = Change("disputed", at)
+        # Every dispute event carries the dispute: its stage decides (lifecycle.decide).
+        dispute = {"id": obj["id"], "amount": _amount(obj.get("amount")), "currency": _currency(obj.get("currency")),
+                   "status": _storable(_str(obj.get("status")), "the dispute's status")}
+        change = Change("disputed", at, dispute=dispute)
     # charge.failed is reported by payment_intent.payment_failed with the PI's own error.
     return _base(obj, target, change, "payment")
 
@@ -222,7 +289,7 @@ def _invoice(event: dict[str, Any], obj: dict[str, Any], at: datetime) -> Meanin
     elif etype == "invoice.voided":
         change = Change("canceled", at)
     meaning = _base(obj, obj["id"], change, "invoice", links=_invoice_payment_intents(obj))
-    paid = _amount(obj.get("amount_paid")) or _amount(obj.get("amount_due"))
+    paid = _amount(obj.get("amount_paid"), "amount_paid") or _amount(obj.get("amount_due"), "amount_due")
     if paid > 0:
         meaning = replace(meaning, amount=paid)
     return meaning

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 
 import asyncpg
@@ -14,8 +15,14 @@ from starlette.responses import JSONResponse
 from paystream.bodies import read_limited
 from paystream.changes import store, transitions
 from paystream.db import ACQUIRE_TIMEOUT, DATABASE_DOWN
-from paystream.errors import ApiError
-from paystream.ingest.stripe_events import MalformedEvent, check_envelope, interpret, is_supported
+from paystream.errors import ApiError, error_response
+from paystream.ingest.stripe_events import (
+    MalformedEvent,
+    UnusableEvent,
+    check_envelope,
+    interpret,
+    is_supported,
+)
 from paystream.ops import metrics
 
 log = logging.getLogger("paystream.webhooks")
@@ -51,12 +58,26 @@ def verify(raw: bytes, signature: str | None, secrets: list[str], tolerance: int
     for secret in secrets:
         try:
             stripe.WebhookSignature.verify_header(payload, signature, secret, tolerance)
-            return payload
         except stripe.SignatureVerificationError as exc:  # every header problem lands here too
             stale = stale or "tolerance" in str(exc).lower()
+            continue
+        # verify_header refuses only old timestamps; one from the future would let a
+        # captured signature be replayed until then.
+        if _signed_at(signature) > time.time() + tolerance:
+            raise ApiError(400, "stale_signature", "the signature's timestamp is in the future, beyond the tolerance")
+        return payload
     if stale:
         raise ApiError(400, "stale_signature", "the signature's timestamp is outside the tolerance")
     raise ApiError(400, "invalid_signature", "no webhook secret verifies this signature")
+
+
+def _signed_at(signature: str) -> int:
+    """The header's t= (verify_header has just accepted it, so there is a whole number)."""
+    for item in signature.split(","):
+        key, _, value = item.strip().partition("=")
+        if key == "t" and value.isascii() and value.isdigit():
+            return int(value)
+    return 0
 
 
 async def handle(request: Request) -> JSONResponse:
@@ -72,7 +93,17 @@ async def handle(request: Request) -> JSONResponse:
         raise ApiError(400, "malformed_body", str(exc) if isinstance(exc, MalformedEvent)
                        else "the body is not JSON") from None
     headers = {k: v for k, v in request.headers.items() if k in _KEPT_HEADERS}
-    outcome = await apply_event(request.app.state.pool, event, text, headers)
+    try:
+        outcome = await apply_event(request.app.state.pool, event, text, headers)
+    except DATABASE_DOWN as exc:
+        log.warning("webhook not stored: the database is unreachable (%s)", exc,
+                    extra={"stripe_event_id": event["id"], "event_type": event["type"]})
+        metrics.WEBHOOKS.labels("database_down").inc()
+        return error_response(503, "database_unavailable", "the event could not be stored; Stripe retries it")
+    except Exception:  # logged, and the event kept as failed, by apply_event
+        metrics.WEBHOOKS.labels("failed").inc()
+        return error_response(500, "event_failed", "the event could not be applied; it is kept as failed "
+                              "for `paystream events --reprocess`, and Stripe retries it")
     metrics.WEBHOOKS.labels(outcome).inc()
     if outcome == "unsupported":
         raise ApiError(400, "unsupported_event_type",
@@ -84,8 +115,11 @@ async def apply_event(pool: asyncpg.Pool, event: dict[str, Any], raw: str,
                       headers: dict[str, str]) -> str:
     """Store and apply one verified event; return its outcome. Commits before returning."""
     try:
+        meaning = interpret(event) if is_supported(event["type"]) else None
+    except UnusableEvent as exc:
+        return await _keep_unusable(pool, event, raw, headers, str(exc))
+    try:
         async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn, conn.transaction():
-            meaning = interpret(event) if is_supported(event["type"]) else None
             # Storing the event and locking its transaction share one round trip: the
             # webhook is four (BEGIN, this, the move, COMMIT) in the common case.
             stored, locked = await store.record_and_lock(conn, event, raw, headers,
@@ -111,6 +145,20 @@ async def apply_event(pool: asyncpg.Pool, event: dict[str, Any], raw: str,
     log.info("webhook %s", outcome, extra={"stripe_event_id": event["id"], "event_type": event["type"],
                                            "transaction_id": txn_id})
     return outcome
+
+
+async def _keep_unusable(pool: asyncpg.Pool, event: dict[str, Any], raw: str, headers: dict[str, str],
+                         error: str) -> str:
+    """Keep an authentic event paystream cannot apply, unapplied, for operators (outcome
+    `invalid`, `paystream events invalid`), and answer it 200: Stripe's retries would
+    bring the same bytes for three days."""
+    log.warning("webhook invalid: %s", error, extra={"stripe_event_id": event["id"], "event_type": event["type"]})
+    async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn, conn.transaction():
+        stored = await store.record_stripe_event(conn, event, raw, headers)
+        if stored["processed_at"] is not None:
+            return "duplicate"
+        await store.finish_stripe_event(conn, event["id"], outcome="invalid", error=error[:2000], processed=False)
+    return "invalid"
 
 
 async def _record_failure(pool: asyncpg.Pool, event: dict[str, Any], raw: str, headers: dict[str, str],

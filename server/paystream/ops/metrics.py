@@ -10,6 +10,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 WEBHOOKS = Counter("paystream_webhooks_total", "Verified Stripe webhooks by outcome", ["outcome"])
+MISMATCHED = Counter("paystream_events_mismatched_total",
+                     "Stripe events naming one of our transactions in metadata that do not match it "
+                     "(another object already linked, or amount, currency or customer differ): kept, not applied")
 CONNECTIONS = Gauge("paystream_connections", "Open streaming connections", ["transport"])
 PUSHED = Counter("paystream_events_pushed_total", "Events handed to subscribers")
 QUEUE_DROPS = Counter("paystream_subscriber_overflows_total",

@@ -58,6 +58,8 @@ SPEC: dict[str, Any] = {
                     "last_error": {"type": "object", "nullable": True},
                     "validated": {"type": "boolean"},
                     "amount_refunded": {"type": "integer", "minimum": 0},
+                    "dispute": {"type": "object", "nullable": True,
+                                "description": "the dispute of a disputed payment: {id, amount, currency, status}"},
                     "seq": {"type": "integer", "minimum": 1},
                     "updated_at": {"type": "string", "format": "date-time"},
                     "timed_out": {"type": "boolean"},
