@@ -1,4 +1,7 @@
-"""Every SQL statement the service runs, and the transaction JSON of the contract."""
+"""The write path's SQL: storing Stripe events, creating, locking and moving
+transactions, the append-only log with its NOTIFY, and reading the log back to resume;
+and the contract's transaction JSON.  (Effects, payments and recovery keep their own
+statements beside their code.)"""
 
 from __future__ import annotations
 
