@@ -8,31 +8,20 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
-from typing import Any
+from datetime import timedelta
 
 import asyncpg
 
 from paystream.changes import store, transitions
-from paystream.changes.lifecycle import RANK, Change, stripe_now
+from paystream.changes.lifecycle import stripe_now
 from paystream.db import ACQUIRE_TIMEOUT, DATABASE_ERRORS
+from paystream.payments.current import change_from_object, change_from_payment_intent
 from paystream.payments.stripe_api import StripeApi, StripeFailure
 
 log = logging.getLogger("paystream.recovery")
 
-AUTHORIZATION_LIFETIME = timedelta(days=7)  # Stripe releases an uncaptured card authorisation
-
-
-def change_from_payment_intent(pi: Any, at: datetime) -> Change | None:
-    """Stripe's current answer, as a change stamped now: it is the newest knowledge we have."""
-    status = pi.status
-    if status not in RANK:
-        return None
-    error = getattr(pi, "last_payment_error", None)
-    if status == "requires_payment_method" and error:
-        return Change(status, at, {"code": getattr(error, "code", None) or "payment_failed",
-                                   "message": getattr(error, "message", None)})
-    return Change(status, at)
+AUTHORIZATION_LIFETIME = timedelta(days=7)
+SWEEP_READS = 100  # Stripe reads per sweep pass, at most (its live rate limit is 100/s)  # Stripe releases an uncaptured card authorisation
 
 
 @dataclass
@@ -128,30 +117,37 @@ class Recovery:
     # --- the sweeper --------------------------------------------------------------------
 
     async def sweep(self, report: Report, only: list[str] | None = None) -> Report:
-        """Re-check stuck transactions (or just `only`, by txn_ or pi_ id) with Stripe."""
+        """Re-read from Stripe every transaction that has not reached success and has had no
+        news (nor a read) for stuck_after, whatever its kind and status (or just `only`, by
+        txn_ or Stripe id), at most SWEEP_READS per pass, the longest-quiet first.  A
+        transaction quiet for long is read ever more rarely (after a quarter of its age):
+        an abandoned checkout costs a few reads, not one a pass.  After success, refunds
+        and disputes come from the webhook and the backfill."""
         stuck = await self.pool.fetch(
             """SELECT id, stripe_id FROM transactions
-                WHERE status IN ('processing', 'requires_action') AND stripe_id LIKE 'pi\\_%'
-                  AND updated_at < clock_timestamp() - $1::interval
+                WHERE paystream_status_rank(status) < 5 AND stripe_id IS NOT NULL
+                  AND (stripe_id LIKE 'pi\\_%' OR stripe_id LIKE 'in\\_%' OR stripe_id LIKE 'seti\\_%')
+                  AND greatest(updated_at, checked_at) < clock_timestamp()
+                      - greatest($1::interval, (clock_timestamp() - created_at) / 4)
                   AND ($2::text[] IS NULL OR id = ANY($2) OR stripe_id = ANY($2))
-                ORDER BY updated_at LIMIT 200""", self.stuck_after, only)
+                ORDER BY greatest(updated_at, checked_at) LIMIT $3""", self.stuck_after, only, SWEEP_READS)
         for row in stuck:
             report.checked += 1
             try:
-                pi = await self.api.retrieve_payment_intent(row["stripe_id"])
+                obj = await self.api.retrieve(row["stripe_id"])
             except StripeFailure as failure:
                 report.errors.append(f"retrieve {row['stripe_id']}: {failure.message}")
                 if failure.status >= 500:
                     break
                 continue
-            change = change_from_payment_intent(pi, stripe_now())
-            if change is None:
-                continue
+            change = change_from_object(obj, stripe_now())
             async with self.pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn, conn.transaction():
                 locked = await store.lock_by_id(conn, row["id"])
-                moved, _ = await transitions.apply(conn, locked, change, stripe_event_id=None,
-                                                   cause_type="paystream.reconcile")
-            report.moved += int(moved)
+                if change is not None:
+                    moved, _ = await transitions.apply(conn, locked, change, stripe_event_id=None,
+                                                       cause_type="paystream.reconcile")
+                    report.moved += int(moved)
+                await conn.execute("UPDATE transactions SET checked_at = clock_timestamp() WHERE id = $1", row["id"])
         expiring = await self.pool.fetch(
             """INSERT INTO outbox (kind, transaction_id)
                SELECT 'expire_authorization', id FROM transactions

@@ -4,6 +4,7 @@ derived from our transaction ids, and Stripe's errors turned into ours."""
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,6 +100,33 @@ class StripeApi:
 
     async def retrieve_payment_intent(self, pi_id: str) -> Any:
         return await self._call("read the PaymentIntent", self.client.v1.payment_intents.retrieve_async(pi_id))
+
+    async def retrieve(self, stripe_id: str) -> Any:
+        """The object a transaction is linked to (pi_, seti_ or in_), as Stripe has it now;
+        a PaymentIntent with its latest charge, whose refund total it reports."""
+        v1 = self.client.v1
+        if stripe_id.startswith("in_"):
+            return await self._call("read the invoice", v1.invoices.retrieve_async(stripe_id))
+        if stripe_id.startswith("seti_"):
+            return await self._call("read the SetupIntent", v1.setup_intents.retrieve_async(stripe_id))
+        return await self._call("read the PaymentIntent", v1.payment_intents.retrieve_async(
+            stripe_id, params={"expand": ["latest_charge"]}))
+
+    async def list_events(self, created_gte: int, page_size: int = 100) -> AsyncIterator[dict[str, Any]]:
+        """Every event Stripe keeps created at or after `created_gte`, newest first, as
+        plain JSON objects (what a webhook would have carried), page by page."""
+        after: str | None = None
+        while True:
+            params: dict[str, Any] = {"created": {"gte": created_gte}, "limit": page_size}
+            if after:
+                params["starting_after"] = after
+            page = await self._call("list events", self.client.v1.events.list_async(params=params))
+            items = [item.to_dict() for item in page.data]
+            for item in items:
+                yield item
+            if not page.has_more or not items:
+                return
+            after = items[-1]["id"]
 
     async def cancel_payment_intent(self, txn_id: str, pi_id: str, reason: str) -> Any:
         return await self._call("cancel the PaymentIntent", self.client.v1.payment_intents.cancel_async(
