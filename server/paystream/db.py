@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import asyncpg
 
@@ -28,6 +30,40 @@ DATABASE_DOWN = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncp
 # Errors of a read or a connection that a retry may cure (the above, and a statement the
 # server refused, e.g. a query canceled by a restart).
 DATABASE_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
+
+T = TypeVar("T")
+_abandoned: set[asyncio.Future[object]] = set()  # work given up on, still unwinding
+
+
+async def within(seconds: float, work: Awaitable[T]) -> T:
+    """`work`'s result, or TimeoutError after `seconds` without waiting for it to unwind.
+
+    asyncio.timeout() and wait_for() cancel the work and then wait for it to unwind, and
+    asyncpg's unwinding talks to the server: a cancel request on a new connection, then
+    the old connection's acknowledgement (bounded only by command_timeout), a ROLLBACK, and
+    the pool's release (bounded by the acquire timeout).  Across a network partition each
+    of those hangs, so /readyz under asyncio.timeout(2) answered after 12 s and a webhook
+    after 13-20 s (tests/e2e/test_partition.py).  Here the work is cancelled and left to
+    unwind in the background, where asyncpg's own timeouts end it (it terminates the
+    connection), and the caller answers at once."""
+    task = asyncio.ensure_future(work)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=seconds)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if task in done:
+        return task.result()
+    task.cancel()
+    _abandoned.add(task)
+    task.add_done_callback(_forget)
+    raise TimeoutError(f"no answer from the database within {seconds:g} s")
+
+
+def _forget(task: asyncio.Future[object]) -> None:
+    _abandoned.discard(task)
+    if not task.cancelled() and task.exception() is not None:  # retrieved: no "never retrieved" noise
+        log.debug("abandoned database work ended with %r", task.exception())
 
 
 def migrations_dir() -> Path:

@@ -14,7 +14,7 @@ from starlette.responses import JSONResponse
 
 from paystream.bodies import read_limited
 from paystream.changes import store, transitions
-from paystream.db import ACQUIRE_TIMEOUT, DATABASE_DOWN
+from paystream.db import ACQUIRE_TIMEOUT, DATABASE_DOWN, within
 from paystream.errors import ApiError, error_response
 from paystream.ingest.stripe_events import (
     MalformedEvent,
@@ -29,6 +29,12 @@ log = logging.getLogger("paystream.webhooks")
 
 # Headers worth keeping with the raw body for an operator (never Authorization or cookies).
 _KEPT_HEADERS = ("stripe-signature", "content-type", "user-agent", "content-length")
+# The longest a webhook waits on the database before it is refused (503; Stripe retries),
+# as long as one query may take (the pool's command_timeout).  Without it, a webhook whose
+# connection went silent waited 10 s for the query timeout, then for asyncpg to cancel the
+# query and release the connection: 13-20 s in a partition (tests/e2e/test_partition.py).
+# Work cut off at COMMIT may still commit; Stripe's retry is then a duplicate.
+WEBHOOK_DEADLINE = 10.0
 
 
 class _Duplicate(Exception):
@@ -94,7 +100,7 @@ async def handle(request: Request) -> JSONResponse:
                        else "the body is not JSON") from None
     headers = {k: v for k, v in request.headers.items() if k in _KEPT_HEADERS}
     try:
-        outcome = await apply_event(request.app.state.pool, event, text, headers)
+        outcome = await within(WEBHOOK_DEADLINE, apply_event(request.app.state.pool, event, text, headers))
     except DATABASE_DOWN as exc:
         log.warning("webhook not stored: the database is unreachable (%s)", exc,
                     extra={"stripe_event_id": event["id"], "event_type": event["type"]})
