@@ -14,7 +14,7 @@ import pytest
 
 from paystream.dev import trigger
 from tests.conftest import Server
-from tests.support import Paystream
+from tests.support import Paystream, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -53,7 +53,12 @@ async def test_streams_are_limited_per_token_and_per_address(tps: Paystream) -> 
             await s3.event(), await s4.event()
             fifth = await tps.http.get(f"/v1/transactions/{a}/events", params={"token": tps.token(a, "z")})
             assert fifth.status_code == 429 and "address" in fifth.json()["error"]["message"]
-    # closed streams are released
+    # closed streams are released, once the server has seen their clients leave
+    async def released() -> bool:
+        text = (await tps.http.get("/metrics", headers=tps.backend)).text
+        return 'paystream_connections{transport="sse"} 0.0' in text
+
+    await wait_until(released, timeout=10, what="the closed streams to be released")
     async with tps.sse(a, token=token, params={"follow": "true"}) as again:
         assert (await again.event()).event == "snapshot"
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import time
 from datetime import UTC, datetime
 
 import pytest
+import websockets
 
 from paystream.dev import trigger
 from tests.support import Paystream
@@ -45,3 +48,65 @@ async def test_minting_needs_the_api_key(ps: Paystream) -> None:
                               headers={"Authorization": f"Bearer {ps.token('pi_x')}"})
     assert resp.status_code == 401
 
+
+
+async def test_another_spelling_of_a_token_shares_its_stream_limit(ps: Paystream) -> None:
+    """The same JWT with `=` after its signature also verifies: the per-token limit counted
+    the raw text, so each spelling had 20 streams of its own.  Now it counts the token."""
+    pi = trigger.stripe_id("pi_")
+    await ps.deliver(ps.event("payment_intent.processing", pi))
+    token = ps.token(pi)
+    streams = []  # held: a dropped reader's generator closes its response when collected
+    async with contextlib.AsyncExitStack() as stack:
+        for _ in range(20):
+            streams.append(await stack.enter_async_context(ps.sse(pi, token=token, params={"follow": "true"})))
+            assert (await streams[-1].event()).event == "snapshot"
+        for spelling in (token + "=", token):
+            assert (await ps.http.get(f"/v1/transactions/{pi}", params={"token": spelling})).status_code == 200
+            # headers only: before the fix this was a 21st stream, which never ends
+            async with ps.http.stream("GET", f"/v1/transactions/{pi}/events", params={"token": spelling}) as refused:
+                assert refused.status_code == 429
+                assert json.loads(await refused.aread())["error"]["code"] == "too_many_streams"
+
+
+@pytest.mark.parametrize(("method", "path"), [("POST", "/v1/stream-tokens"), ("POST", "/v1/transactions"),
+                                              ("GET", "/v1/transactions/pi_x"),
+                                              ("GET", "/v1/transactions/pi_x/events")])
+async def test_the_api_key_is_refused_in_the_url(ps: Paystream, method: str, path: str) -> None:
+    """The API key goes in the Authorization header only: a URL ends up in logs and histories."""
+    body = {"transaction_ids": ["pi_x"]} if path == "/v1/stream-tokens" else {"kind": "payment", "amount": 100}
+    resp = await ps.http.request(method, path, params={"token": ps.server.api_key},
+                                 json=body if method == "POST" else None)
+    assert resp.status_code == 401
+    error = resp.json()["error"]
+    assert error["code"] == "unauthorized" and "Authorization header" in error["message"]
+    assert ps.server.api_key not in resp.text
+
+
+async def test_the_api_key_is_refused_in_a_websocket_url(ps: Paystream) -> None:
+    url = ps.server.base_url.replace("http", "ws") + f"/v1/ws?token={ps.server.api_key}"
+    with pytest.raises(websockets.InvalidStatus) as info:
+        async with websockets.connect(url):
+            pass
+    assert info.value.response.status_code == 401
+    async with websockets.connect(url.partition("?")[0], additional_headers=ps.backend):
+        pass  # in the header it opens as before
+
+
+async def test_tokens_live_at_most_the_maximum_ttl(ps: Paystream) -> None:
+    """PAYSTREAM_MAX_TOKEN_TTL (3600 s by default) bounds every token: a longer ttl is a
+    400, and a token minted elsewhere without exp, or expiring further ahead, is a 401."""
+    import jwt
+
+    pi = trigger.stripe_id("pi_")
+    await ps.deliver(ps.event("payment_intent.processing", pi))
+    too_long = await ps.http.post("/v1/stream-tokens", headers=ps.backend,
+                                  json={"transaction_ids": [pi], "ttl_seconds": 3601})
+    assert too_long.status_code == 400 and "PAYSTREAM_MAX_TOKEN_TTL" in too_long.json()["error"]["message"]
+    secret = ps.server.token_secret
+    forever = jwt.encode({"txn": [pi], "exp": int(time.time()) + 86400}, secret, algorithm="HS256")
+    no_exp = jwt.encode({"txn": [pi]}, secret, algorithm="HS256")
+    within = jwt.encode({"txn": [pi], "exp": int(time.time()) + 3600}, secret, algorithm="HS256")
+    for token, status in ((forever, 401), (no_exp, 401), (within, 200)):
+        resp = await ps.http.get(f"/v1/transactions/{pi}", headers={"Authorization": f"Bearer {token}"})
+        assert resp.status_code == status, resp.text

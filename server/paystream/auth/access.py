@@ -11,23 +11,25 @@ from paystream.auth.tokens import BACKEND, Grant
 from paystream.errors import ApiError
 
 
-def credential(conn: HTTPConnection) -> str:
-    """The key or token the caller presented (after reader() or backend() accepted it)."""
-    return _credential(conn) or ""
-
-
 def address(conn: HTTPConnection) -> str:
     return conn.client.host if conn.client else "unknown"
 
 
-def _credential(conn: HTTPConnection) -> str | None:
+def _credential(conn: HTTPConnection) -> tuple[str | None, bool]:
+    """The key or token presented, and whether it came in the Authorization header (a
+    present header wins over ?token=)."""
     header = conn.headers.get("authorization")
     if header:
         scheme, _, value = header.partition(" ")
         if scheme.lower() != "bearer" or not value.strip():
             raise ApiError(401, "unauthorized", "use `Authorization: Bearer <key or token>`")
-        return value.strip()
-    return conn.query_params.get("token") or None
+        return value.strip(), True
+    return conn.query_params.get("token") or None, False
+
+
+def presented(conn: HTTPConnection) -> bool:
+    """Whether the request carries any credential (header or ?token=), good or not."""
+    return bool(conn.headers.get("authorization") or conn.query_params.get("token"))
 
 
 def _is_api_key(conn: HTTPConnection, credential: str) -> bool:
@@ -35,24 +37,39 @@ def _is_api_key(conn: HTTPConnection, credential: str) -> bool:
     return bool(key) and hmac.compare_digest(credential.encode(), key.encode())
 
 
+_KEY_IN_URL = "the API key is accepted only in the Authorization header, never in the URL"
+
+
 def backend(conn: HTTPConnection) -> Grant:
-    """Server-to-server calls: the API key, nothing else."""
-    credential = _credential(conn)
+    """Server-to-server calls: the API key, in the Authorization header, nothing else."""
+    credential, in_header = _credential(conn)
     if credential is None:
-        raise ApiError(401, "unauthorized", "an API key is required")
+        raise ApiError(401, "unauthorized", "an API key is required (Authorization: Bearer <key>)")
+    if not in_header:
+        raise ApiError(401, "unauthorized", _KEY_IN_URL)
     if not _is_api_key(conn, credential):
         raise ApiError(401, "unauthorized", "the API key is not valid")
     return BACKEND
 
 
 def reader(conn: HTTPConnection, *, allow_backend: bool = True) -> Grant:
-    """Reads and streams: the API key (where allowed) or a stream token."""
-    credential = _credential(conn)
+    """Reads and streams: the API key (where allowed, in the header only) or a stream
+    token (in the header or ?token=)."""
+    credential, in_header = _credential(conn)
     if credential is None:
         raise ApiError(401, "unauthorized", "a stream token is required (?token= or Authorization: Bearer)")
-    if allow_backend and _is_api_key(conn, credential):
-        return BACKEND
+    if _is_api_key(conn, credential):
+        if not in_header:
+            raise ApiError(401, "unauthorized", _KEY_IN_URL)
+        if allow_backend:
+            return BACKEND
+    return token(conn, credential)
+
+
+def token(conn: HTTPConnection, credential: str) -> Grant:
+    """A stream token's grant, or ApiError 401."""
     try:
-        return tokens.verify(conn.app.state.settings.paystream_token_secret, credential)
+        settings = conn.app.state.settings
+        return tokens.verify(settings.paystream_token_secret, credential, settings.max_token_ttl)
     except tokens.TokenError as exc:
         raise ApiError(401, "unauthorized", str(exc)) from None

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import jwt
+from jwt.utils import base64url_decode
 
 
 class TokenError(Exception):
@@ -19,11 +20,22 @@ class TokenError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Grant:
-    """What a caller may read: everything (the backend's API key) or a token's claims."""
+    """What a caller may read: everything (the backend's API key) or a token's claims.
+
+    `exp` is the token's expiry (Unix seconds; None for the API key). `key` names the
+    token, not its spelling: the decoded signature, which is the HMAC of the exact signed
+    text, so every spelling that verifies (an `=` appended, other unused trailing bits)
+    has the same key.  Per-token limits count by it."""
 
     backend: bool = False
     txn: frozenset[str] = frozenset()
     cus: str | None = None
+    exp: float | None = None
+    key: bytes = b""
+
+    def expired(self, now: float | None = None) -> bool:
+        """At or past `exp` (RFC 7519: the token is good before its expiry time)."""
+        return self.exp is not None and (time.time() if now is None else now) >= self.exp
 
     def allows(self, txn_id: str, stripe_id: str | None, customer_id: str | None) -> bool:
         if self.backend:
@@ -49,13 +61,23 @@ def mint(secret: str, *, txn: list[str] | None = None, cus: str | None = None,
     return jwt.encode(claims, secret, algorithm="HS256"), exp
 
 
-def verify(secret: str, token: str) -> Grant:
+# Clocks of the merchant's backend and ours may differ a little.
+CLOCK_LEEWAY = 60
+
+
+def verify(secret: str, token: str, max_ttl: float | None = None) -> Grant:
+    """The token's grant; TokenError if it is not ours, has no `exp`, has expired, or (with
+    max_ttl, PAYSTREAM_MAX_TOKEN_TTL) expires further ahead than any token may live."""
     try:
         claims = jwt.decode(token, secret, algorithms=["HS256"], options={"require": ["exp"]})
     except jwt.ExpiredSignatureError:
         raise TokenError("the stream token has expired") from None
+    except jwt.MissingRequiredClaimError:
+        raise TokenError("the stream token has no exp claim") from None
     except jwt.InvalidTokenError:
         raise TokenError("the stream token is not valid") from None
+    if max_ttl is not None and claims["exp"] > time.time() + max_ttl + CLOCK_LEEWAY:
+        raise TokenError(f"the stream token lives longer than {max_ttl:g} s (PAYSTREAM_MAX_TOKEN_TTL)")
     txn = claims.get("txn", [])
     cus = claims.get("cus")
     if isinstance(txn, str):
@@ -66,4 +88,9 @@ def verify(secret: str, token: str) -> Grant:
         raise TokenError("the token's cus claim must be a customer id")
     if not txn and not cus:
         raise TokenError("the token grants no transaction")
-    return Grant(txn=frozenset(txn), cus=cus)
+    return Grant(txn=frozenset(txn), cus=cus, exp=float(claims["exp"]), key=_signature(token))
+
+
+def _signature(token: str) -> bytes:
+    """The signature's bytes (only called on a token that verified, so it decodes)."""
+    return base64url_decode(token.rpartition(".")[2].encode("ascii", "replace"))

@@ -76,7 +76,7 @@ async def open_stream(
 ) -> tuple[asyncpg.Record, Subscription, Callable[[], None]]:
     """A counted stream (429 past the limits) over open_subscription; call the returned
     release() when the stream ends."""
-    release = request.app.state.limits.acquire(grant, access.credential(request), access.address(request))
+    release = request.app.state.limits.acquire(grant, access.address(request))
     try:
         row, sub = await open_subscription(request, any_id, grant, after)
     except BaseException:
@@ -85,11 +85,17 @@ async def open_stream(
     return row, sub, release
 
 
+# The largest resume cursor a client may send (SSE Last-Event-ID / last_event_id, WebSocket
+# `after`): nine digits, well inside Postgres' integer (seq) column, so no cursor a client
+# sends can make the hub's log query fail.
+MAX_CURSOR = 999_999_999
+
+
 def cursor(value: str | None, name: str) -> int | None:
     if value is None or value == "":
         return None
-    if not (value.isascii() and value.isdigit()) or len(value) > 9:  # "²".isdigit() is true
-        raise ApiError(400, "bad_request", f"{name} must be a whole number of at least 0")
+    if not (value.isascii() and value.isdigit()) or len(value) > len(str(MAX_CURSOR)):  # "²".isdigit() is true
+        raise ApiError(400, "bad_request", f"{name} must be a whole number from 0 to {MAX_CURSOR}")
     return int(value)
 
 
