@@ -17,12 +17,15 @@ class StreamTokenRequest(BaseModel):
     model_config = {"extra": "forbid"}
     transaction_ids: list[str] | None = Field(default=None, max_length=100)
     customer_id: str | None = Field(default=None, min_length=1, max_length=255, pattern=r"^[^\x00]+$")
-    ttl_seconds: int = Field(default=3600, ge=1, le=86400)
+    ttl_seconds: int = Field(default=3600, ge=1)  # and at most PAYSTREAM_MAX_TOKEN_TTL
 
 
 async def create_stream_token(request: Request) -> JSONResponse:
     access.backend(request)
     req = validated(StreamTokenRequest, await json_body(request))
+    max_ttl = request.app.state.settings.max_token_ttl
+    if req.ttl_seconds > max_ttl:
+        raise ApiError(400, "bad_request", f"ttl_seconds: at most {max_ttl} (PAYSTREAM_MAX_TOKEN_TTL)")
     if not req.transaction_ids and not req.customer_id:
         raise ApiError(400, "bad_request", "give transaction_ids or customer_id")
     token, exp = tokens.mint(request.app.state.settings.paystream_token_secret,

@@ -151,7 +151,8 @@ async def create(state: State, raw: bytes, key: str | None) -> tuple[int, dict[s
             await store.link(conn, linked, txn_id)
         row = await store.get_transaction(conn, txn_id)
     token, _ = tokens.mint(state.settings.paystream_token_secret,
-                           txn=[txn_id, created.stripe_id], ttl_seconds=3600)
+                           txn=[txn_id, created.stripe_id],
+                           ttl_seconds=min(3600, state.settings.max_token_ttl))
     body = {"transaction": store.render(row), "client_secret": created.client_secret, "stream_token": token}
     await _remember(pool, key, 201, json.loads(json.dumps(body)))
     return 201, body

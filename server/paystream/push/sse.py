@@ -10,6 +10,7 @@ from typing import Any
 
 from sse_starlette import EventSourceResponse
 from starlette.requests import Request
+from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from paystream.auth import access
@@ -86,7 +87,7 @@ def _sse(seq: int, event: str, data: str) -> bytes:
     return f"id: {seq}\nevent: {event}\ndata: {data}\n\n".encode()
 
 
-async def sse(request: Request) -> EventSourceResponse:
+async def sse(request: Request) -> Response:
     grant = access.reader(request)
     any_id = request.path_params["id"]
     after = cursor(request.headers.get("last-event-id"), "Last-Event-ID")
@@ -96,6 +97,13 @@ async def sse(request: Request) -> EventSourceResponse:
     row, sub, release = await open_stream(request, any_id, grant, after)
     hub: Hub = request.app.state.hub
     ping = request.app.state.settings.sse_ping_seconds
+    if after is not None and after >= row["seq"] and row["status"] in FINAL and not follow:
+        # The client has seen the end already: 204 is the HTML standard's signal for
+        # EventSource to stop reconnecting (an empty 200 made a browser's own EventSource
+        # reconnect every second for as long as the tab stayed open).
+        hub.unsubscribe(sub)
+        release()
+        return Response(status_code=204)
 
     async def events():  # noqa: ANN202
         yield b"retry: 1000\n\n"
@@ -103,8 +111,6 @@ async def sse(request: Request) -> EventSourceResponse:
             yield _sse(row["seq"], "snapshot", json.dumps(store.render(row), separators=(",", ":")))
             if row["status"] in FINAL and not follow:
                 return
-        elif after >= row["seq"] and row["status"] in FINAL and not follow:
-            return  # the client has seen the end already
         while (item := await sub.get(idle=ping)) is not None:
             if item is IDLE:
                 yield b": ping\n\n"  # the keep-alive comment, at least every PAYSTREAM_SSE_PING s
