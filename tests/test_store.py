@@ -84,3 +84,18 @@ async def test_move_and_log_refuses_a_row_that_moved_meanwhile(db: asyncpg.Conne
     assert (after["status"], after["seq"]) == ("succeeded", 2)
     assert await db.fetchval("SELECT max(seq) FROM transaction_events WHERE transaction_id = $1", row["id"]) == 2
 
+
+
+def test_a_notification_carries_the_pushed_event_byte_for_byte_when_it_fits() -> None:
+    text = json.dumps({"id": "txn_X", "status": "succeeded", "metadata": {"k": "v,\"data\":x"}},
+                      separators=(",", ":"))
+    payload = store.notify_payload("txn_X", 7, "succeeded", text)
+    assert store.notified_event(payload) == ("txn_X", 7, "succeeded", text)
+    assert json.loads(payload)["seq"] == 7  # still plain JSON for any reader
+
+
+def test_a_notification_too_big_for_postgres_is_a_pointer() -> None:
+    text = json.dumps({"metadata": {"k": "x" * 8000}})
+    payload = store.notify_payload("txn_X", 7, "succeeded", text)
+    assert len(payload) < 100
+    assert store.notified_event(payload) == ("txn_X", 7, "succeeded", None)

@@ -164,3 +164,24 @@ async def test_unknown_transaction_is_404_and_bad_cursor_400(ps: Paystream) -> N
         resp = await ps.http.get(f"/v1/transactions/{txn_id}/events",
                                  params={"token": ps.token(txn_id), "last_event_id": cursor})
         assert resp.status_code == 400, cursor
+
+
+async def test_a_live_push_reads_nothing_from_the_database(ps: Paystream) -> None:
+    """The notification carries the event: a subscriber at the previous seq gets it from
+    there, with no read of the log (issue 13: zero database reads per push)."""
+    pi = trigger.stripe_id("pi_")
+    await ps.deliver(ps.event("payment_intent.processing", pi, created=int(time.time()) - 5))
+
+    async def counters() -> tuple[float, float]:
+        text = (await ps.http.get("/metrics", headers=ps.backend)).text
+        values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+                  if line.startswith(("paystream_log_reads_total ", "paystream_notifications_pushed_total "))}
+        return values.get("paystream_log_reads_total", 0.0), values.get("paystream_notifications_pushed_total", 0.0)
+
+    async with ps.sse(pi) as stream:
+        assert (await stream.event()).event == "snapshot"
+        reads, pushed = await counters()
+        await ps.deliver(ps.event("payment_intent.succeeded", pi))
+        assert (await stream.event()).json["status"] == "succeeded"
+    reads_after, pushed_after = await counters()
+    assert (reads_after - reads, pushed_after - pushed) == (0, 1)

@@ -246,8 +246,36 @@ def _log_entry(row: asyncpg.Record | dict[str, Any], data: dict[str, Any] | None
     if data is None:
         data = pushed_event(row, previous_status, stripe_event_id, event_type)
     text = json.dumps(data, separators=(",", ":"))
-    payload = json.dumps({"id": row["id"], "seq": row["seq"], "status": row["status"]}, separators=(",", ":"))
-    return text, payload
+    return text, notify_payload(row["id"], row["seq"], row["status"], text)
+
+
+# Postgres refuses a NOTIFY payload of 8000 bytes or more; keep a margin below it.
+NOTIFY_LIMIT = 7500
+# Whether a notification carries the pushed event (when it fits), so that listeners push
+# without reading the log (PAYSTREAM_NOTIFY_EVENTS=0: ids only, every listener reads).
+notify_events = True
+_DATA = ',"data":'
+
+
+def notify_payload(txn_id: str, seq: int, status: str, text: str) -> str:
+    """{"id","seq","status"} and, when it fits, "data": the pushed event itself, last, so a
+    listener can take it out as the very bytes that were logged (notified_event)."""
+    head = json.dumps({"id": txn_id, "seq": seq, "status": status}, separators=(",", ":"))
+    if notify_events and len(head) + len(_DATA) + len(text) <= NOTIFY_LIMIT:
+        return f"{head[:-1]}{_DATA}{text}}}"
+    return head
+
+
+def notified_event(payload: str) -> tuple[str, int, str | None, str | None]:
+    """(id, seq, status, data) of a notification; data None when only a pointer came."""
+    note = json.loads(payload)
+    txn_id, seq = note["id"], note["seq"]
+    if not isinstance(txn_id, str) or not isinstance(seq, int):
+        raise ValueError("not a paystream notification")
+    if "data" not in note:
+        return txn_id, seq, note.get("status"), None
+    # The header holds no `,"data":` (ids, a number, a status), so the first one starts data.
+    return txn_id, seq, note.get("status"), payload[payload.index(_DATA) + len(_DATA):-1]
 
 
 async def append_event(

@@ -1,11 +1,13 @@
 """The subscriber registry and its fan-out: which local streams wait on which
 transaction, and handing each the log rows past its own cursor.
 
-Data flows one way: a webhook commits a log row and NOTIFYs {id, seq}; the listener
-(listener.py; Postgres LISTEN today) hears it and tells the hub; the hub reads the new
-log rows once for all local subscribers of that transaction and delivers them to each
-Subscription (subscription.py), whose cursor keeps delivery ordered, gap-free and
-duplicate-free.  After a reconnect the listener asks the hub to catch up every
+Data flows one way: a webhook commits a log row and NOTIFYs {id, seq, status} and the
+pushed event itself when it fits; the listener (listener.py; Postgres LISTEN today)
+hears it and tells the hub; the hub hands the event to each local subscriber whose
+cursor is just before it, with no database read, and reads the log (once for all local
+subscribers of that transaction) only to fill a gap or when the notification carried
+only a pointer.  Each Subscription's cursor (subscription.py) keeps delivery ordered,
+gap-free and duplicate-free.  After a reconnect the listener asks the hub to catch up every
 subscribed transaction from the log in one query.
 """
 
@@ -109,16 +111,31 @@ class Hub:
 
     # --- fan-out -----------------------------------------------------------------------
 
-    def _on_change(self, txn_id: str, seq: int) -> None:
+    def _on_change(self, txn_id: str, seq: int, status: str | None = None, data: str | None = None) -> None:
+        """A committed change.  With its pushed event (`data`), every subscriber whose cursor
+        is just before it gets it at once, with no database read; only a subscriber with a
+        gap (or every one, when the notification was only a pointer) makes the log be read."""
         subs = self._subs.get(txn_id)
         if not subs:
             return  # nobody here waits on it: no query at all
-        behind = False
-        for sub in subs:
+        behind = pushed = False
+        for sub in list(subs):
             if sub.last_seq is None:
                 sub.pending_seq = max(sub.pending_seq, seq)
-            elif sub.last_seq < seq:
+            elif sub.last_seq >= seq:
+                continue
+            elif data is not None and status is not None and sub.last_seq == seq - 1:
+                sub.deliver(seq, status, data)
+                pushed = True
+                if sub.closed:
+                    subs.discard(sub)
+            else:
                 behind = True
+        if not subs:
+            self._subs.pop(txn_id, None)
+        if pushed:
+            metrics.PUSHED_FROM_NOTIFY.inc()
+            self._observe_latency_of(data)
         if behind:
             self._schedule_fetch(txn_id)
 
@@ -139,6 +156,7 @@ class Hub:
                 if not cursors:
                     return
                 try:
+                    metrics.LOG_READS.inc()
                     rows = await store.events_after(self._pool, txn_id, min(cursors))
                 except DATABASE_ERRORS as exc:
                     attempt += 1
@@ -163,11 +181,14 @@ class Hub:
     @staticmethod
     def _observe_latency(rows: list[asyncpg.Record]) -> None:
         """Webhook → push, once per row (not per subscriber); replays of old rows skipped."""
-        now = time.time()
         for row in rows:
-            written = _updated_at(row["data"])
-            if written is not None and 0 <= now - written < 60:
-                metrics.WEBHOOK_TO_PUSH.observe(now - written)
+            Hub._observe_latency_of(row["data"])
+
+    @staticmethod
+    def _observe_latency_of(data: str | None) -> None:
+        written = _updated_at(data) if data else None
+        if written is not None and 0 <= time.time() - written < 60:
+            metrics.WEBHOOK_TO_PUSH.observe(time.time() - written)
 
     def _deliver(self, txn_id: str, rows: Iterable[asyncpg.Record]) -> None:
         subs = self._subs.get(txn_id)

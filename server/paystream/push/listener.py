@@ -8,8 +8,9 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 
-# A change was committed: (transaction id, its new seq).
-OnChange = Callable[[str, int], None]
+# A change was committed: (transaction id, its new seq, its status, and the pushed event's
+# JSON text when the engine carried it — else None, and the hub reads the log).
+OnChange = Callable[[str, int, str | None, str | None], None]
 # Notifications may have been missed (a (re)connect): read what the log holds.  It runs
 # after listening is in place, so a change committed meanwhile is in the read or
 # notified after it; if it raises, the listener counts the connection as failed.

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import random
 from collections.abc import Callable
 
 import asyncpg
 
-from paystream.changes.store import CHANNEL
+from paystream.changes.store import CHANNEL, notified_event
 from paystream.db import DATABASE_ERRORS
 from paystream.ops import metrics
 from paystream.push.listener import Listener, OnChange, OnGap
@@ -109,13 +108,12 @@ class PgListener(Listener):
 
     def _on_notify(self, conn: object, pid: int, channel: str, payload: str) -> None:
         try:
-            note = json.loads(payload)
-            txn_id, seq = note["id"], note["seq"]
+            txn_id, seq, status, data = notified_event(payload)
         except (ValueError, KeyError, TypeError):
             log.error("unreadable notification %r", payload[:200])
             return
         assert self._on_change is not None
-        self._on_change(txn_id, seq)
+        self._on_change(txn_id, seq, status, data)
 
     async def _check(self) -> None:
         """Wait one interval (or until the socket drops), then prove the connection alive."""
