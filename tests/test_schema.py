@@ -92,7 +92,7 @@ async def test_migrations_are_recorded_and_idempotent(database_url: str, db: asy
     assert versions == [m.version for m in migration_files()]
     assert await missing_migrations(db, EXAMPLE_MIGRATIONS) == []
     examples = {r["component"] for r in await db.fetch("SELECT component FROM paystream_schema_version")}
-    assert examples == {"paystream", *EXAMPLE_MIGRATIONS}
+    assert {"paystream", *EXAMPLE_MIGRATIONS} <= examples  # other tests may add their own
 
 
 async def test_a_database_behind_the_code_names_what_it_lacks(db: asyncpg.Connection, tmp_path) -> None:  # noqa: ANN001

@@ -11,20 +11,27 @@ from datetime import timedelta
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 
 from paystream import db, effects
-from paystream.auth import token_api
+from paystream.auth import deadlines, token_api
 from paystream.auth.limits import HeaderLimit, StreamLimits
+from paystream.auth.origins import AllowedOrigins, OriginPolicy
+from paystream.changes import store
 from paystream.config import Settings
 from paystream.effects.card_validation import OUTBOX_CHANNEL
+from paystream.effects.outbound import OUTBOUND_CHANNEL
 from paystream.errors import ApiError, api_error_handler, http_error_handler, server_error_handler
 from paystream.ingest import webhooks
+from paystream.ingest.backfill import Backfiller
 from paystream.ops import health, metrics, openapi
 from paystream.ops.gc_tuning import GcTuning
 from paystream.ops.logs import setup_logging
-from paystream.payments import create
+from paystream.payments import create, refresh
+from paystream.payments.outbound import Deliverer
 from paystream.payments.recovery import Recovery
+from paystream.payments.refresh import RefreshLimits
 from paystream.payments.stripe_api import StripeApi
 from paystream.push import longpoll, sse, ws
 from paystream.push.hub import Hub
@@ -43,6 +50,8 @@ def create_app(settings: Settings | None = None, extra_routes: list[BaseRoute] |
         if not dsn:
             raise RuntimeError("DATABASE_URL is not set (use `paystream dev` for the embedded default)")
         metrics.watch_gc()
+        metrics_port = metrics.serve_separately(settings)  # PAYSTREAM_METRICS_PORT, if set
+        store.notify_events = settings.notify_events
         active = effects.install(effects.Effects(effects.load(settings.effects)))
         pool = await db.create_pool(dsn, settings.db_pool_size)
         app.state.pool = pool
@@ -56,12 +65,21 @@ def create_app(settings: Settings | None = None, extra_routes: list[BaseRoute] |
         hub = Hub(pool, listener, queue_limit=settings.subscriber_queue_limit,
                   queue_bytes=settings.subscriber_buffer_bytes)
         api = StripeApi(settings.stripe_api_key, settings.stripe_api_base) if settings.stripe_api_key else None
-        recovery = None
+        recovery = backfiller = None
+        app.state.refresh_limits = RefreshLimits(settings.refresh_rate)
         if api is not None:
             recovery = Recovery(pool, api, stuck_after=timedelta(seconds=settings.stuck_after_seconds),
                                 interval=settings.recovery_interval_seconds)
             listener.on_channel(OUTBOX_CHANNEL, recovery.kick)
             recovery.start()
+            # Events Stripe never delivered, from its event log: at start-up, then periodically.
+            backfiller = Backfiller(pool, api, settings.backfill_interval_seconds)
+            backfiller.start()
+        # Signed webhooks to the merchant's backend (PAYSTREAM_OUTBOUND_URL), from every process.
+        outbound = Deliverer.from_settings(pool, dsn, settings)
+        if outbound is not None:
+            listener.on_channel(OUTBOUND_CHANNEL, outbound.kick)
+            await outbound.start()
         await hub.start()
         app.state.hub, app.state.stripe = hub, api
         if not await hub.wait_ready(5):
@@ -69,14 +87,21 @@ def create_app(settings: Settings | None = None, extra_routes: list[BaseRoute] |
         drain = asyncio.create_task(sse.end_streams_on_shutdown(hub), name="paystream-drain")
         gc_tuning = GcTuning()
         gc_tuning.start()
+        log.info("browser origins allowed: %s", AllowedOrigins(settings.allowed_origins).describe())
         log.info("paystream ready on %s", db.redact(dsn))
         try:
             yield
         finally:
             drain.cancel()
+            if metrics_port is not None:
+                metrics_port.close()
             await gc_tuning.stop()
             if recovery is not None:
                 await recovery.stop()
+            if backfiller is not None:
+                await backfiller.stop()
+            if outbound is not None:
+                await outbound.stop()
             await hub.stop()
             await pool.close()
 
@@ -85,6 +110,7 @@ def create_app(settings: Settings | None = None, extra_routes: list[BaseRoute] |
         Route("/v1/transactions", create.create_transaction, methods=["POST"]),
         Route("/v1/transactions/{id}", longpoll.get_transaction, methods=["GET"]),
         Route("/v1/transactions/{id}/events", sse.sse, methods=["GET"]),
+        Route("/v1/transactions/{id}/refresh", refresh.refresh, methods=["POST"]),
         WebSocketRoute("/v1/ws", ws.WebSocketEndpoint()),
         Route("/v1/stream-tokens", token_api.create_stream_token, methods=["POST"]),
         Route("/healthz", health.healthz),
@@ -95,10 +121,12 @@ def create_app(settings: Settings | None = None, extra_routes: list[BaseRoute] |
     app = Starlette(
         routes=routes + (extra_routes or []),
         lifespan=lifespan,
-        middleware=[Middleware(HeaderLimit, max_bytes=settings.max_header_bytes)],
+        middleware=[Middleware(HeaderLimit, max_bytes=settings.max_header_bytes),
+                    Middleware(OriginPolicy, allowed=AllowedOrigins(settings.allowed_origins))],
         exception_handlers={
             ApiError: api_error_handler,
             HTTPException: http_error_handler,
+            ClientDisconnect: deadlines.client_gone_handler,
             Exception: server_error_handler,
         },
     )

@@ -1,4 +1,4 @@
-"""`paystream …`: dev, serve, migrate, reconcile, events, token, trigger."""
+"""`paystream …`: dev, serve, migrate, reconcile, events, deliveries, token, trigger."""
 
 from __future__ import annotations
 
@@ -113,11 +113,18 @@ def _run_uvicorn(host: str, port: int, workers: int, access_log: bool,
                  factory: str = "paystream.app:create_app") -> None:
     import uvicorn
 
+    from paystream.config import Settings
+    from paystream.ops.logs import uvicorn_log_config
+
+    settings = Settings()
     # uvicorn shuts down gracefully on SIGTERM, then restores the handler it found and
     # raises the signal again.  With the default handler that kills the process before
     # atexit runs, so `dev` (or `serve` without DATABASE_URL) left its embedded Postgres
     # and localstripe running.  This handler makes it a normal exit, status 143 as before.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    # Each worker serves its metrics port (PAYSTREAM_METRICS_PORT + 0 … N-1) and reads the
+    # count from here, the name uvicorn and gunicorn use for it.
+    os.environ["WEB_CONCURRENCY"] = str(workers)
     uvicorn.run(
         factory,
         factory=True,
@@ -125,14 +132,24 @@ def _run_uvicorn(host: str, port: int, workers: int, access_log: bool,
         port=port,
         workers=workers,
         loop="uvloop",
-        http="httptools",
+        # httptools with a deadline and a size bound on reading each request
+        # (PAYSTREAM_HEADER_TIMEOUT): uvicorn alone never closes a connection that sends
+        # nothing or stops half-way through its headers.
+        http="paystream.auth.deadlines:BoundedHttpProtocol",
+        # An idle keep-alive connection is closed after this many seconds.
+        timeout_keep_alive=5,
+        # A client's WebSocket message is a small JSON object: uvicorn refuses one larger
+        # than this with close 1009 before buffering it (its default is 16 MiB).
+        ws_max_size=settings.ws_max_message_bytes,
         # Status messages are ~300 bytes of JSON: compressing them saves nothing, and the
         # zlib state for permessage-deflate is ~50 KB per idle socket (tracemalloc).
         ws_per_message_deflate=False,
         access_log=access_log,
         # In-flight webhooks get this long to commit after SIGTERM; streams end at once.
         timeout_graceful_shutdown=10,
-        log_level="info",
+        # uvicorn's own lines (start-up, access, WebSocket) through paystream's formatter:
+        # JSON like every other line, with tokens and secrets redacted.
+        log_config=uvicorn_log_config(),
     )
 
 
@@ -142,6 +159,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     missing = Settings().missing_secrets()
     if missing:
         print(f"paystream serve: refusing to start: {', '.join(missing)} not set", file=sys.stderr)
+        return 2
+    from paystream.payments.outbound import config_problem
+
+    problem = config_problem(Settings())
+    if problem:
+        print(f"paystream serve: refusing to start: {problem}", file=sys.stderr)
         return 2
     url = _database_url(announce=True)
     _effects_or_exit("serve", url)
@@ -155,7 +178,11 @@ def cmd_dev(args: argparse.Namespace) -> int:
         os.environ.setdefault(name, value)
     url = _database_url(announce=True)
     from paystream import db
+    from paystream.auth.origins import AllowedOrigins
 
+    # Pages on any local port may use the dev server (a checkout page under development).
+    os.environ.setdefault("PAYSTREAM_ALLOWED_ORIGINS",
+                          f"http://{args.host}:{args.port},http://localhost:*,http://127.0.0.1:*")
     examples = _examples_root()
     extra: dict[str, Path] = {}
     if examples is not None:
@@ -184,6 +211,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
             f"  database       {db.redact(url)}",
             stripe_line,
             f"  effects        {', '.join(active.names)}",
+            f"  origins        {AllowedOrigins(os.environ['PAYSTREAM_ALLOWED_ORIGINS']).describe()}",
             f"  API key        {os.environ['PAYSTREAM_API_KEY']}",
             f"  webhook secret {os.environ['STRIPE_WEBHOOK_SECRET']}",
             "",
@@ -268,6 +296,74 @@ def cmd_events(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+def cmd_deliveries(args: argparse.Namespace) -> int:
+    from paystream import db
+    from paystream.payments import outbound
+
+    url = _database_url(announce=False)
+
+    async def run() -> int:
+        pool = await db.create_pool(url, 2)
+        try:
+            if not args.replay:
+                for row in await outbound.listing(pool, args.which, args.limit):
+                    print(json.dumps(row))
+                return 0
+            keys = args.replay
+            if "all" in keys:  # every delivery the listing shows
+                keys = [str(r["id"]) for r in await outbound.listing(pool, args.which, args.limit)]
+            replayed, unknown = await outbound.replay(pool, keys)
+            for row in replayed:
+                print(json.dumps(row))
+            for key in unknown:
+                print(f"paystream deliveries: no delivery {key!r}", file=sys.stderr)
+            return 1 if unknown else 0
+        finally:
+            await pool.close()
+
+    return asyncio.run(run())
+
+
+def _duration(text: str) -> int:
+    """Seconds in '90', '90s', '15m', '6h' or '3d'."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    text = text.strip().lower()
+    scale = units.get(text[-1:], None)
+    number = text[:-1] if scale else text
+    if not number.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 90s, 15m, 6h or 3d")
+    return int(number) * (scale or 1)
+
+
+def cmd_backfill(args: argparse.Namespace) -> int:
+    import time
+
+    from paystream import db
+    from paystream.config import Settings
+    from paystream.ingest.backfill import backfill
+    from paystream.payments.stripe_api import StripeApi
+
+    settings = Settings()
+    if not settings.stripe_api_key:
+        print("paystream backfill: STRIPE_API_KEY is not set", file=sys.stderr)
+        return 2
+    url = _database_url(announce=False)
+    _effects_or_exit("backfill", url)
+
+    async def once() -> dict:
+        pool = await db.create_pool(url, 2)
+        try:
+            since = int(time.time()) - args.since if args.since is not None else None
+            report = await backfill(pool, StripeApi(settings.stripe_api_key, settings.stripe_api_base), since)
+            return report.as_json()
+        finally:
+            await pool.close()
+
+    report = asyncio.run(once())
+    print(json.dumps(report))
+    return 1 if report["errors"] else 0
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     from paystream import db
 
@@ -290,9 +386,14 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def cmd_token(args: argparse.Namespace) -> int:
     from paystream.auth import tokens
+    from paystream.config import Settings
 
     if not args.txn and not args.cus:
         print("paystream token: give --txn ID (repeatable) or --cus CUSTOMER", file=sys.stderr)
+        return 2
+    max_ttl = Settings().max_token_ttl
+    if not 1 <= args.ttl <= max_ttl:
+        print(f"paystream token: --ttl must be from 1 to {max_ttl} seconds (PAYSTREAM_MAX_TOKEN_TTL)", file=sys.stderr)
         return 2
     token, _exp = tokens.mint(_secret("PAYSTREAM_TOKEN_SECRET"), txn=args.txn, cus=args.cus,
                               ttl_seconds=args.ttl)
@@ -351,10 +452,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="production server: config from the environment",
                        description="Serve with uvicorn. Needs STRIPE_API_KEY, STRIPE_WEBHOOK_SECRET, "
                        "PAYSTREAM_API_KEY and PAYSTREAM_TOKEN_SECRET; uses DATABASE_URL "
-                       "(unset: the embedded Postgres), HOST and PORT.")
+                       "(unset: the embedded Postgres), HOST and PORT.",
+                       epilog="client bounds: PAYSTREAM_HEADER_TIMEOUT (seconds to deliver a whole "
+                       "request, default 10), PAYSTREAM_WS_MAX_MESSAGE (bytes per WebSocket message, "
+                       "default 4096; larger closes with 1009), PAYSTREAM_WS_MESSAGE_RATE and "
+                       "PAYSTREAM_WS_MESSAGE_BURST (messages per second per socket, default 20 in "
+                       "bursts of 40; more closes with 4029). metrics: PAYSTREAM_METRICS_PORT (serve "
+                       "/metrics there, on PAYSTREAM_METRICS_HOST, default 127.0.0.1, instead of the "
+                       "public port; with --workers N, one port per worker: PORT ... PORT+N-1).")
     p.add_argument("--host", default=None, help="default: $HOST or 127.0.0.1")
     p.add_argument("--port", type=int, default=None, help="default: $PORT or 8000")
-    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker processes (default 1); stream limits are counted in each")
     p.add_argument("--access-log", action="store_true", help="log every request")
     p.set_defaults(func=cmd_serve)
 
@@ -391,13 +500,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=100)
     p.set_defaults(func=cmd_events)
 
+    p = sub.add_parser("deliveries", help="list outgoing webhooks to your backend; replay them",
+                       description="List the signed webhooks sent to PAYSTREAM_OUTBOUND_URL as JSON "
+                       "lines (newest first), or with --replay queue deliveries again (a failed or "
+                       "delivered one is sent again with the same webhook-id and a fresh retry "
+                       "schedule, after any earlier pending event of its transaction).")
+    p.add_argument("which", nargs="?", default="failed", choices=["pending", "failed", "delivered", "all"],
+                   help="which deliveries (default: failed)")
+    p.add_argument("--replay", action="append", default=[], metavar="ID",
+                   help="queue this delivery again: its id or webhook-id (repeatable); "
+                        "`all` replays every one listed")
+    p.add_argument("--limit", type=int, default=100)
+    p.set_defaults(func=cmd_deliveries)
+
+    p = sub.add_parser("backfill", help="apply Stripe events that never arrived, from Stripe's event log",
+                       description="List Stripe's events (GET /v1/events; Stripe keeps 30 days) created since "
+                       "--since ago, or by default since the newest stored event minus an hour, and apply each "
+                       "one not stored yet through the webhook's own path (same idempotency, order rules and "
+                       "effects), oldest first. One backfill runs at a time across all processes (every "
+                       "server also runs one at start-up and every PAYSTREAM_BACKFILL_INTERVAL). Prints what "
+                       "it did as JSON; exits 1 if any event failed.")
+    p.add_argument("--since", type=_duration, default=None, metavar="DURATION",
+                   help="how far back, e.g. 90m, 6h, 3d (default: from the newest stored event minus 1h)")
+    p.set_defaults(func=cmd_backfill)
+
     p = sub.add_parser("token", help="mint a stream token (JWT) for a browser",
                        description="Mint a stream token signed with PAYSTREAM_TOKEN_SECRET "
                        "(or the dev secret).")
     p.add_argument("--txn", action="append", default=[], metavar="ID",
                    help="a txn_ or Stripe id the token opens (repeatable)")
     p.add_argument("--cus", default=None, metavar="CUSTOMER", help="open all of this customer's")
-    p.add_argument("--ttl", type=int, default=3600, help="seconds until it expires (default 3600)")
+    p.add_argument("--ttl", type=int, default=3600,
+                   help="seconds until it expires (default 3600; at most PAYSTREAM_MAX_TOKEN_TTL)")
     p.set_defaults(func=cmd_token)
 
     p = sub.add_parser("trigger", help="build, sign and POST a Stripe event, like `stripe trigger`",

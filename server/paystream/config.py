@@ -44,6 +44,47 @@ class Settings(BaseSettings):
     # Merchant effects, comma-separated: module:attribute or sql:schema.function (see
     # paystream.effects); the built-ins and installed entry points run as well.
     effects: str | None = Field(default=None, alias="PAYSTREAM_EFFECTS")
+    # POST /v1/transactions/{id}/refresh: Stripe reads per second, per process, in all
+    # (each transaction is read at most once per REFRESH_EVERY seconds besides).
+    refresh_rate: float = Field(default=20.0, gt=0, alias="PAYSTREAM_REFRESH_RATE")
+    # Seconds between backfills from Stripe's event log (each process, one at a time).
+    backfill_interval_seconds: float = Field(default=600, gt=0, alias="PAYSTREAM_BACKFILL_INTERVAL")
+    # Notifications carry the pushed event when it fits (listeners then push without
+    # reading the log); 0 sends ids only, as before (every listening node reads the log).
+    notify_events: bool = Field(default=True, alias="PAYSTREAM_NOTIFY_EVENTS")
+    # Browser origins that may use paystream (CORS, WebSocket Origin): exact origins,
+    # comma-separated; `*` only when written; `http://localhost:*` for any port.
+    allowed_origins: str | None = Field(default=None, alias="PAYSTREAM_ALLOWED_ORIGINS")
+    # The longest a stream token may live: longer ttl_seconds are refused (400), and a
+    # token whose exp is further ahead (minted elsewhere) is refused (401).
+    max_token_ttl: int = Field(default=3600, ge=1, alias="PAYSTREAM_MAX_TOKEN_TTL")
+
+    # --- signed webhooks to the merchant's backend (issue 12; payments/outbound.py) ---
+    # Every logged event is POSTed here as a Standard Webhooks message; needs the secret too.
+    outbound_url: str | None = Field(default=None, alias="PAYSTREAM_OUTBOUND_URL")
+    # The Standard Webhooks signing secret: whsec_ + base64 of ≥ 16 random bytes (24-64 advised).
+    outbound_secret: str | None = Field(default=None, alias="PAYSTREAM_OUTBOUND_SECRET")
+    # Multiplies every delay of the retry schedule (a test and operations knob: 0.001 runs
+    # the whole ≥ 24 h schedule in about 2 minutes).
+    outbound_backoff_scale: float = Field(default=1.0, gt=0, alias="PAYSTREAM_OUTBOUND_BACKOFF_SCALE")
+    # Messages one process sends at once (each holds one database connection of its own).
+    outbound_concurrency: int = Field(default=4, ge=1, le=64, alias="PAYSTREAM_OUTBOUND_CONCURRENCY")
+
+    # --- client bounds and the operator port (issue 14) ---
+    # Largest WebSocket message a client may send, in bytes; beyond it the socket closes with 1009.
+    ws_max_message_bytes: int = Field(default=4096, ge=128, alias="PAYSTREAM_WS_MAX_MESSAGE")
+    # Messages per second one WebSocket may send (a token bucket refilled at this rate,
+    # holding up to the burst); beyond it the socket closes with 4029.
+    ws_message_rate: float = Field(default=20.0, gt=0, alias="PAYSTREAM_WS_MESSAGE_RATE")
+    ws_message_burst: int = Field(default=40, ge=1, alias="PAYSTREAM_WS_MESSAGE_BURST")
+    # Seconds a connection has to deliver a whole request (line, headers and body) from
+    # when it opened or its previous response was sent; then it is closed (after a 408 if
+    # part of a request had arrived).
+    header_timeout: float = Field(default=10.0, gt=0, alias="PAYSTREAM_HEADER_TIMEOUT")
+    # Serve /metrics on this port (and host) instead of the public one, whose /metrics then
+    # answers 404. Unset: /metrics on the public port, as before.
+    metrics_port: int | None = Field(default=None, ge=1, le=65535, alias="PAYSTREAM_METRICS_PORT")
+    metrics_host: str = Field(default="127.0.0.1", alias="PAYSTREAM_METRICS_HOST")
 
     @property
     def webhook_secrets(self) -> list[str]:

@@ -105,9 +105,9 @@ SPEC: dict[str, Any] = {
             "security": [{"bearer": []}],
             "parameters": [_ID, _TOKEN,
                            {"name": "last_event_id", "in": "query", "required": False,
-                            "schema": {"type": "integer", "minimum": 0}},
+                            "schema": {"type": "integer", "minimum": 0, "maximum": 999999999}},
                            {"name": "Last-Event-ID", "in": "header", "required": False,
-                            "schema": {"type": "integer", "minimum": 0}},
+                            "schema": {"type": "integer", "minimum": 0, "maximum": 999999999}},
                            {"name": "follow", "in": "query", "required": False,
                             "schema": {"type": "string", "enum": ["true", "false"]}}],
             "responses": {"200": {"description": "an event stream: frames of id, event, data (a Transaction as JSON)",
@@ -146,7 +146,8 @@ SPEC: dict[str, Any] = {
                             "responses": {"200": _json({"type": "object"}, "ready"),
                                           "503": _json({"type": "object"}, "not ready")}}},
         "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {
-            "description": "metrics", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+            "description": "metrics", "content": {"text/plain": {"schema": {"type": "string"}}}},
+            "404": _json(_ERROR, "served on PAYSTREAM_METRICS_PORT instead")}}},
     },
 }
 
