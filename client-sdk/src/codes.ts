@@ -6,17 +6,18 @@ export type ErrorCode =
   | "declined"      // a payment attempt failed: see transaction.last_error (the customer may retry)
   | "canceled"      // the transaction was canceled
   | "timeout"       // waitFor's timeoutMs passed first
-  | "unauthorized"  // the stream token is missing, forged or expired (HTTP 401)
+  | "unauthorized"  // the stream token is missing, forged or expired (HTTP 401, WebSocket 4001), and
+                    // getToken (if given) could not replace it: it threw, or its new token was refused too
   | "forbidden"     // the token does not cover this transaction (HTTP 403)
   | "not_found"     // no such transaction (HTTP 404)
   | "aborted"       // the AbortSignal fired
-  | "transport";    // no transport could connect (network, proxy)
+  | "transport";    // no transport ever connected (network, proxy, an origin the server does not allow)
 
 export class PaystreamError extends Error {
   readonly code: ErrorCode;
   readonly transaction?: Transaction;
-  constructor(code: ErrorCode, message: string, transaction?: Transaction) {
-    super(message);
+  constructor(code: ErrorCode, message: string, transaction?: Transaction, cause?: unknown) {
+    super(message, cause === undefined ? undefined : { cause });
     this.name = "PaystreamError";
     this.code = code;
     this.transaction = transaction;
@@ -31,5 +32,6 @@ export function fatalForStatus(status: number): PaystreamError | null {
   return null;
 }
 
-/** WebSocket close code the server uses for a reader that fell too far behind. */
+/** WebSocket close codes: a refused or expired token; a reader that fell too far behind. */
+export const WS_UNAUTHORIZED = 4001;
 export const WS_SLOW_CONSUMER = 4008;

@@ -1,28 +1,30 @@
 // @paystream/client: push payment status to the browser.
 
 import { PaystreamError } from "./codes.js";
-import { watch, type WatchOptions } from "./stream.js";
+import { type Credentials, watch, type WatchBase } from "./stream.js";
 import type { Status, Transaction } from "./types.js";
 
 export { PaystreamError, type ErrorCode } from "./codes.js";
-export { watch, type WatchOptions } from "./stream.js";
+export { type Credentials, watch, type WatchBase, type WatchOptions } from "./stream.js";
+export type { GetToken } from "./token.js";
 export type { TransportName } from "./transport.js";
 export { FINAL, type Status, type Transaction } from "./types.js";
 
-export interface WaitOptions extends Omit<WatchOptions, "onUpdate" | "onError"> {
+export type WaitOptions = Omit<WatchBase, "onUpdate" | "onError"> & Credentials & {
   /** Resolve on these statuses (default: ["succeeded"]). */
   until?: Status[];
   timeoutMs?: number;
   signal?: AbortSignal;
   /** Every update on the way, as watch() gives it. */
   onUpdate?(tx: Transaction): void;
-}
+};
 
 const AFTER_SUCCESS: Status[] = ["partially_refunded", "refunded", "disputed"];
 
 /** Wait for a transaction to reach one of `until`; rejects with a PaystreamError for a
  *  decline pushed while waiting (code "declined", with last_error), a cancel, a timeout,
- *  a refused token or an abort. */
+ *  a refused token, no transport connecting, or an abort (and with a TypeError unless
+ *  exactly one of `token` and `getToken` is given). */
 export function waitFor(id: string, options: WaitOptions): Promise<Transaction> {
   const until = options.until ?? ["succeeded"];
   return new Promise((resolve, reject) => {

@@ -1,10 +1,12 @@
 // One interface every transport implements; stream.ts drives whichever is chosen.
 
+import type { Tokens } from "./token.js";
 import type { Transaction } from "./types.js";
 
 export interface TransportOptions {
   baseUrl: string;
-  token: string;
+  /** `tokens.token` is the newest token (never put in a URL); over WebSocket, renewals are sent on the socket. */
+  tokens: Tokens;
   id: string;
   /** Resume after this seq (every later event is replayed); undefined: start with a snapshot. */
   after?: number;
@@ -26,6 +28,10 @@ export function url(base: string, path: string, query: Record<string, string | u
   const u = new URL(path, base);
   for (const [k, v] of Object.entries(query)) if (v !== undefined) u.searchParams.set(k, v);
   return u.toString();
+}
+
+export function headers(token: string, accept = "application/json"): Record<string, string> {
+  return { Accept: accept, Authorization: `Bearer ${token}` };
 }
 
 /** An HTTP answer the transport could not use; `status` 0 for a network failure. */

@@ -1,7 +1,8 @@
 // Long-poll fallback: asks the server to answer when the status leaves the current one.
-// Every answer is checked against seq, so nothing is delivered twice.
+// Every answer is checked against seq, so nothing is delivered twice. Each request carries
+// the newest token.
 
-import { HttpError, url, type Transport, type TransportOptions } from "./transport.js";
+import { headers, HttpError, url, type Transport, type TransportOptions } from "./transport.js";
 import { FINAL, type Status, type Transaction } from "./types.js";
 
 const ALL: Status[] = ["requires_payment_method", "requires_confirmation", "requires_action", "processing",
@@ -14,7 +15,7 @@ export function poll(o: TransportOptions): Transport {
     for (;;) {
       const waitFor = current ? ALL.filter((s) => s !== current).join(",") : ALL.join(",");
       const res = await fetch(url(o.baseUrl, `/v1/transactions/${encodeURIComponent(o.id)}`,
-        { token: o.token, await: waitFor, timeout: "25" }), { signal: abort.signal, cache: "no-store" });
+        { await: waitFor, timeout: "25" }), { headers: headers(o.tokens.token), signal: abort.signal, cache: "no-store" });
       if (!res.ok) throw new HttpError(res.status, `long-poll answered ${res.status}`);
       const tx = (await res.json()) as Transaction & { timed_out?: boolean };
       delete tx.timed_out;

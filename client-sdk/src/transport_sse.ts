@@ -1,18 +1,19 @@
-// Server-Sent Events over fetch (works in browsers and Node; EventSource cannot send the
-// cursor we keep, nor report HTTP statuses).
+// Server-Sent Events over fetch (works in browsers and Node; EventSource can neither send
+// the token in a header, nor the cursor we keep, nor report HTTP statuses). The token is
+// checked when the stream opens: an open stream may outlive it, and the next one uses
+// the newest.
 
-import { HttpError, url, type Transport, type TransportOptions } from "./transport.js";
+import { headers, HttpError, url, type Transport, type TransportOptions } from "./transport.js";
 
 export function sse(o: TransportOptions): Transport {
   const abort = new AbortController();
   const query = {
-    token: o.token,
     last_event_id: o.after === undefined ? undefined : String(o.after),
     follow: o.follow ? "true" : undefined,
   };
   (async () => {
     const res = await fetch(url(o.baseUrl, `/v1/transactions/${encodeURIComponent(o.id)}/events`, query), {
-      headers: { Accept: "text/event-stream" },
+      headers: headers(o.tokens.token, "text/event-stream"),
       signal: abort.signal,
       cache: "no-store",
     });

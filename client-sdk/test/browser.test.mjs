@@ -42,6 +42,7 @@ async function openDemo() {
 }
 
 const polled = (requests) => requests.filter((u) => /\/v1\/transactions\/[^/?]+(\?|$)/.test(u));
+const streams = (requests) => requests.filter((u) => /\/events(\?|$)/.test(u));
 
 test("pay with a card: succeeded appears, pushed, with no polling request", { skip }, async () => {
   const { page, requests } = await openDemo();
@@ -53,7 +54,12 @@ test("pay with a card: succeeded appears, pushed, with no polling request", { sk
   assert.match(await page.textContent("#headline"), /Payment received/);
   assert.equal(await page.textContent("#transport"), "SSE");
   assert.deepEqual(polled(requests), [], "the page must not poll the transaction");
-  assert.equal(requests.filter((u) => u.includes("/events?")).length, 1, "one event stream");
+  // The page watches, then, as the page Stripe.js returns to, watches with refresh: true.
+  assert.equal(streams(requests).length, 2, "the checkout's stream and the return page's");
+  assert.equal(requests.filter((u) => /\/refresh$/.test(u)).length, 1, "one refresh, after confirm");
+  const cause = await page.evaluate(() => window.lastCause);
+  assert.ok(["paystream.refresh", "payment_intent.succeeded", "charge.succeeded"].includes(cause), cause);
+  assert.deepEqual(requests.filter((u) => u.includes("token=")), [], "no token in a URL");
   await page.screenshot({ path: join(ARTIFACTS, "demo-succeeded.png") });
   await page.close();
 });
@@ -80,7 +86,7 @@ test("3-D Secure with a server restart in the middle: the page recovers and show
   await page.waitForSelector("li[data-status=succeeded]", { timeout: 20000 });
   const statuses = await page.$$eval("#timeline li", (lis) => lis.map((li) => li.dataset.status));
   assert.deepEqual(statuses, ["requires_payment_method", "requires_action", "succeeded"], "each status once, in order");
-  assert.ok(requests.filter((u) => u.includes("/events?")).length >= 2, "the stream was re-opened");
+  assert.ok(streams(requests).length >= 2, "the stream was re-opened");
   assert.deepEqual(polled(requests), []);
   await page.screenshot({ path: join(ARTIFACTS, "demo-3ds-after-restart.png") });
   await page.close();

@@ -3,8 +3,8 @@
 
 import { spawn } from "node:child_process";
 import { createHmac, randomBytes } from "node:crypto";
-import { mkdtempSync, readFileSync, mkdirSync } from "node:fs";
-import { createServer } from "node:net";
+import { existsSync, mkdtempSync, readFileSync, mkdirSync, statSync } from "node:fs";
+import { connect, createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -73,10 +73,14 @@ export class Paystream {
     this.proc.kill("SIGTERM");
     await this.exited;
   }
+  /** A stream token for `ids`; a last argument `{ ttl }` sets its lifetime in seconds
+   *  (default 600; negative: already expired). */
   token(...ids) {
+    const { ttl = 600 } = typeof ids.at(-1) === "object" ? ids.pop() : {};
     const b64 = (o) => Buffer.from(JSON.stringify(o)).toString("base64url");
     const head = b64({ alg: "HS256", typ: "JWT" });
-    const body = b64({ exp: Math.floor(Date.now() / 1000) + 600, txn: ids });
+    const now = Date.now() / 1000;
+    const body = b64({ iat: Math.floor(now), exp: Math.round(now + ttl), txn: ids });
     const sig = createHmac("sha256", this.secrets.PAYSTREAM_TOKEN_SECRET).update(`${head}.${body}`).digest("base64url");
     return `${head}.${body}.${sig}`;
   }
@@ -103,3 +107,73 @@ export class Paystream {
 }
 
 export const newPi = () => `pi_${randomBytes(12).toString("hex")}`;
+
+export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+/** A TCP proxy to `target` (a URL) that logs each connection's request line and can cut
+ *  every connection it carries, as a network drop does. */
+export async function tcpProxy(target) {
+  const { hostname, port } = new URL(target);
+  const carried = new Set();
+  const requests = [];
+  const server = createServer((client) => {
+    const upstream = connect(Number(port), hostname);
+    client.on("data", (chunk) => {
+      const line = chunk.toString("latin1").split("\r\n", 1)[0];
+      if (/^[A-Z]+ \S+ HTTP\/1\.1$/.test(line)) requests.push(line);
+    });
+    client.pipe(upstream);
+    upstream.pipe(client);
+    const pair = { client, upstream };
+    carried.add(pair);
+    const drop = () => { carried.delete(pair); client.destroy(); upstream.destroy(); };
+    client.on("error", drop).on("close", drop);
+    upstream.on("error", drop).on("close", drop);
+  });
+  await new Promise((r) => server.listen(0, "127.0.0.1", r));
+  return {
+    url: `http://127.0.0.1:${server.address().port}`,
+    requests,
+    cut() { for (const { client, upstream } of [...carried]) { client.destroy(); upstream.destroy(); } },
+    close() { this.cut(); server.close(); },
+  };
+}
+
+const TYPES = { ".html": "text/html; charset=utf-8", ".js": "text/javascript", ".mjs": "text/javascript",
+  ".css": "text/css", ".svg": "image/svg+xml", ".json": "application/json" };
+
+/** Serve files over HTTP on `host` (a free port): `files` maps a path to a file or its text;
+ *  with `dir`, any file under it. With `proxy` (a URL), every other request goes there,
+ *  streamed both ways, so a page can reach paystream on its own origin. */
+export async function servePage({ host = "127.0.0.1", files = {}, dir, proxy } = {}) {
+  const { createServer: createHttp, request } = await import("node:http");
+  const { extname } = await import("node:path");
+  const target = proxy && new URL(proxy);
+  const server = createHttp((req, res) => {
+    const path = decodeURIComponent(new URL(req.url, "http://x").pathname);
+    let body = files[path];
+    if (body === undefined && dir && !path.includes("..")) {
+      const file = join(dir, path === "/" ? "index.html" : path);
+      if (existsSync(file) && statSync(file).isFile()) body = readFileSync(file);
+    }
+    if (body !== undefined) {
+      res.writeHead(200, { "Content-Type": TYPES[extname(path)] ?? "text/html; charset=utf-8", "Cache-Control": "no-store" });
+      res.end(body);
+      return;
+    }
+    if (!target) {
+      res.writeHead(404).end();
+      return;
+    }
+    const upstream = request({ host: target.hostname, port: target.port, path: req.url, method: req.method,
+      headers: req.headers }, (up) => { res.writeHead(up.statusCode, up.headers); up.pipe(res); });
+    upstream.on("error", () => res.destroy());
+    res.on("close", () => upstream.destroy()); // the page aborted: so does the proxied stream
+    req.pipe(upstream);
+  });
+  await new Promise((r) => server.listen(0, host, r));
+  return {
+    origin: `http://${host}:${server.address().port}`,
+    close: () => { server.closeAllConnections(); server.close(); },
+  };
+}
