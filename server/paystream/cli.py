@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from paystream import __version__
 
 if TYPE_CHECKING:
+    from paystream.config import Settings
     from paystream.effects import Effects
 
 DEV_SECRETS_FILE = "dev-secrets.json"
@@ -224,19 +225,25 @@ def cmd_dev(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stripe_command(command: str) -> tuple[Settings, str]:
+    """Settings and the database URL of a command that calls Stripe, or exit 2 without a key."""
+    from paystream.config import Settings
+
+    settings = Settings()
+    if not settings.stripe_api_key:
+        print(f"paystream {command}: STRIPE_API_KEY is not set", file=sys.stderr)
+        raise SystemExit(2)
+    return settings, _database_url(announce=False)
+
+
 def cmd_reconcile(args: argparse.Namespace) -> int:
     from datetime import timedelta
 
     from paystream import db
-    from paystream.config import Settings
     from paystream.payments.recovery import Recovery, Report
     from paystream.payments.stripe_api import StripeApi
 
-    settings = Settings()
-    if not settings.stripe_api_key:
-        print("paystream reconcile: STRIPE_API_KEY is not set", file=sys.stderr)
-        return 2
-    url = _database_url(announce=False)
+    settings, url = _stripe_command("reconcile")
 
     async def once() -> Report:
         pool = await db.create_pool(url, 2)
@@ -339,15 +346,10 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     import time
 
     from paystream import db
-    from paystream.config import Settings
     from paystream.ingest.backfill import backfill
     from paystream.payments.stripe_api import StripeApi
 
-    settings = Settings()
-    if not settings.stripe_api_key:
-        print("paystream backfill: STRIPE_API_KEY is not set", file=sys.stderr)
-        return 2
-    url = _database_url(announce=False)
+    settings, url = _stripe_command("backfill")
     _effects_or_exit("backfill", url)
 
     async def once() -> dict:

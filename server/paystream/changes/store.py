@@ -300,16 +300,7 @@ async def append_event(
              VALUES ($1, $2, $3, $4, $5, $6, $7::json)
              RETURNING 1)
            SELECT pg_notify($8, $9) FROM logged""",
-        row["id"],
-        row["seq"],
-        row["status"],
-        previous_status,
-        stripe_event_id,
-        event_type,
-        text,
-        CHANNEL,
-        payload,
-    )
+        row["id"], row["seq"], row["status"], previous_status, stripe_event_id, event_type, text, CHANNEL, payload)
     return text
 
 

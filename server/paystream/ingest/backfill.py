@@ -7,7 +7,6 @@ and every PAYSTREAM_BACKFILL_INTERVAL, one process at a time (an advisory lock).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -16,6 +15,7 @@ from typing import Any
 
 import asyncpg
 
+from paystream.background import BackgroundTask
 from paystream.db import ACQUIRE_TIMEOUT, DATABASE_DOWN, DATABASE_ERRORS
 from paystream.ingest.stripe_events import MalformedEvent, check_envelope, is_supported
 from paystream.ingest.webhooks import apply_event
@@ -99,21 +99,13 @@ async def backfill(pool: asyncpg.Pool, api: StripeApi, since: int | None = None)
     return report
 
 
-class Backfiller:
+class Backfiller(BackgroundTask):
     """Runs backfill at start-up and then every `interval` seconds in the background."""
+
+    task_name = "paystream-backfill"
 
     def __init__(self, pool: asyncpg.Pool, api: StripeApi, interval: float) -> None:
         self.pool, self.api, self.interval = pool, api, interval
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._forever(), name="paystream-backfill")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
     async def _forever(self) -> None:
         while True:

@@ -205,17 +205,12 @@ PAYMENT_INTENT_STATUS_BY_EVENT = {
 
 def _payment_intent(event: dict[str, Any], obj: dict[str, Any], at: datetime) -> Meaning:
     etype = event["type"]
-    if etype == "payment_intent.payment_failed":
-        error = _error_of(obj.get("last_payment_error")) or {"code": "payment_failed"}
-        change = Change("requires_payment_method", at, error)
-    elif etype == "payment_intent.created":
+    if etype == "payment_intent.created":
         status = _str(obj.get("status"))
         change = Change(status, at) if status in RANK else None
-    elif etype in PAYMENT_INTENT_STATUS_BY_EVENT:
-        status = PAYMENT_INTENT_STATUS_BY_EVENT[etype]
-        change = Change(status, at) if status in RANK else None
-    else:  # partially_funded and friends: stored, linked, no status of ours
-        change = None
+    else:  # partially_funded and friends are stored and linked, with no status of ours
+        change = _intent_change(etype, obj, at, PAYMENT_INTENT_STATUS_BY_EVENT, "payment_intent.payment_failed",
+                                "last_payment_error", "payment_failed")
     invoice = _id(obj.get("invoice"))  # before API 2025-03-31 a PI names its invoice
     if invoice:
         return _base(obj, invoice, change, "invoice", links=(obj["id"],))
@@ -304,14 +299,19 @@ _SETUP_STATUS = {
 
 
 def _setup_intent(event: dict[str, Any], obj: dict[str, Any], at: datetime) -> Meaning:
-    etype = event["type"]
-    if etype == "setup_intent.setup_failed":
-        change = Change("requires_payment_method", at,
-                        _error_of(obj.get("last_setup_error")) or {"code": "setup_failed"})
-    else:
-        status = _SETUP_STATUS.get(etype)
-        change = Change(status, at) if status else None
+    change = _intent_change(event["type"], obj, at, _SETUP_STATUS, "setup_intent.setup_failed",
+                            "last_setup_error", "setup_failed")
     return _base(obj, obj["id"], change, "card_validation")
+
+
+def _intent_change(etype: str, obj: dict[str, Any], at: datetime, statuses: dict[str, str], failed: str,
+                   error_field: str, error_code: str) -> Change | None:
+    """A Payment- or SetupIntent event's change: its failure is a decline back to
+    requires_payment_method with the intent's own error; the rest map to a status."""
+    if etype == failed:
+        return Change("requires_payment_method", at, _error_of(obj.get(error_field)) or {"code": error_code})
+    status = statuses.get(etype)
+    return Change(status, at) if status else None
 
 
 def interpret(event: dict[str, Any]) -> Meaning:

@@ -12,6 +12,7 @@ from datetime import timedelta
 
 import asyncpg
 
+from paystream.background import BackgroundTask
 from paystream.changes import store, transitions
 from paystream.changes.lifecycle import stripe_now
 from paystream.db import ACQUIRE_TIMEOUT, DATABASE_ERRORS
@@ -34,26 +35,18 @@ class Report:
     errors: list[str] = field(default_factory=list)
 
 
-class Recovery:
+class Recovery(BackgroundTask):
+    task_name = "paystream-recovery"
+
     def __init__(self, pool: asyncpg.Pool, api: StripeApi, *, stuck_after: timedelta = timedelta(minutes=15),
                  interval: float = 60.0) -> None:
         self.pool, self.api = pool, api
         self.stuck_after, self.interval = stuck_after, interval
         self._kick = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
 
     def kick(self, *_: object) -> None:
         """Run the outbox now (a change just asked for a Stripe call)."""
         self._kick.set()
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._forever(), name="paystream-recovery")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
     async def _forever(self) -> None:
         last_sweep = 0.0
