@@ -103,7 +103,10 @@ class Paystream:
         self.server = server
         # Room for many open streams beside the webhook posts (httpx's default pool is 100).
         self.http = httpx.AsyncClient(base_url=server.base_url, timeout=15,
-                                      limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100))
+                                      limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100,
+                                                          # below the server's idle close (5 s; 2 s in test_deadlines): never
+                                                          # reuse a connection the server may be closing
+                                                          keepalive_expiry=1))
 
     async def __aenter__(self) -> Paystream:
         return self

@@ -53,7 +53,8 @@ def create_app(settings: Settings | None = None, extra_routes: list[BaseRoute] |
         metrics_port = metrics.serve_separately(settings)  # PAYSTREAM_METRICS_PORT, if set
         store.notify_events = settings.notify_events
         active = effects.install(effects.Effects(effects.load(settings.effects)))
-        pool = await db.create_pool(dsn, settings.db_pool_size)
+        pool = await db.create_pool(dsn, settings.db_pool_size,
+                                    transaction_pooled=settings.db_pooler == "transaction")
         app.state.pool = pool
         app.state.schema_components = active.migrations()
         await health.check_schema(app)  # not ready (one log line) while migrations are missing
@@ -61,7 +62,10 @@ def create_app(settings: Settings | None = None, extra_routes: list[BaseRoute] |
             async with pool.acquire(timeout=db.ACQUIRE_TIMEOUT) as conn:
                 await active.check(conn)
         log.info("effects: %s", ", ".join(active.names) or "none")
-        listener = PgListener(dsn)
+        # LISTEN needs a session of its own: PAYSTREAM_LISTEN_URL when DATABASE_URL is a
+        # transaction pooler. It proves it hears a NOTIFY sent through the pool before ready.
+        listen_dsn = settings.listen_url or dsn
+        listener = PgListener(listen_dsn, probe_pool=pool)
         hub = Hub(pool, listener, queue_limit=settings.subscriber_queue_limit,
                   queue_bytes=settings.subscriber_buffer_bytes)
         api = StripeApi(settings.stripe_api_key, settings.stripe_api_base) if settings.stripe_api_key else None
@@ -83,12 +87,14 @@ def create_app(settings: Settings | None = None, extra_routes: list[BaseRoute] |
         await hub.start()
         app.state.hub, app.state.stripe = hub, api
         if not await hub.wait_ready(5):
-            log.warning("the listener is not connected yet; /readyz answers 503 until it is")
-        drain = asyncio.create_task(sse.end_streams_on_shutdown(hub), name="paystream-drain")
+            log.warning("the listener is not ready yet (not connected, or not hearing its own NOTIFY);"
+                        " /readyz answers 503 until it is")
+        drain = asyncio.create_task(sse.end_streams_on_shutdown(hub, settings.drain_seconds), name="paystream-drain")
         gc_tuning = GcTuning()
         gc_tuning.start()
         log.info("browser origins allowed: %s", AllowedOrigins(settings.allowed_origins).describe())
-        log.info("paystream ready on %s", db.redact(dsn))
+        log.info("paystream ready on %s", db.redact(dsn) if listen_dsn == dsn
+                 else f"{db.redact(dsn)} (listening on {db.redact(listen_dsn)})")
         try:
             yield
         finally:

@@ -145,9 +145,13 @@ def _run_uvicorn(host: str, port: int, workers: int, access_log: bool,
         # Status messages are ~300 bytes of JSON: compressing them saves nothing, and the
         # zlib state for permessage-deflate is ~50 KB per idle socket (tracemalloc).
         ws_per_message_deflate=False,
+        # Leaves open sockets to the drain (PAYSTREAM_DRAIN_SECONDS) instead of closing all at once.
+        ws="paystream.push.ws_protocol:DrainingWebSocketProtocol",
         access_log=access_log,
-        # In-flight webhooks get this long to commit after SIGTERM; streams end at once.
-        timeout_graceful_shutdown=10,
+        # After SIGTERM uvicorn closes its listening socket at once and waits this long for
+        # open connections: the drain (streams end spread over PAYSTREAM_DRAIN_SECONDS) plus
+        # 5 s, and at least the 10 s in-flight webhooks always had to commit.
+        timeout_graceful_shutdown=max(10.0, settings.drain_seconds + 5),
         # uvicorn's own lines (start-up, access, WebSocket) through paystream's formatter:
         # JSON like every other line, with tokens and secrets redacted.
         log_config=uvicorn_log_config(),
@@ -177,6 +181,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_dev(args: argparse.Namespace) -> int:
     for name, value in _dev_secrets().items():
         os.environ.setdefault(name, value)
+    # One node: nowhere else for clients to go, so a restart should not wait out a drain.
+    os.environ.setdefault("PAYSTREAM_DRAIN_SECONDS", "0")
     url = _database_url(announce=True)
     from paystream import db
     from paystream.auth.origins import AllowedOrigins
@@ -446,7 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "Postgres under .paystream/ (unless DATABASE_URL is set), a local Stripe "
                        "stand-in (localstripe, unless STRIPE_API_BASE is set) posting signed "
                        "webhooks here, generated dev secrets (kept in .paystream/dev-secrets.json), "
-                       "migrations, and the server.")
+                       "migrations, and the server. On SIGTERM streams end at once "
+                       "(PAYSTREAM_DRAIN_SECONDS defaults to 0 here: one node, nowhere to drain to).")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.set_defaults(func=cmd_dev)
@@ -461,7 +468,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "PAYSTREAM_WS_MESSAGE_BURST (messages per second per socket, default 20 in "
                        "bursts of 40; more closes with 4029). metrics: PAYSTREAM_METRICS_PORT (serve "
                        "/metrics there, on PAYSTREAM_METRICS_HOST, default 127.0.0.1, instead of the "
-                       "public port; with --workers N, one port per worker: PORT ... PORT+N-1).")
+                       "public port; with --workers N, one port per worker: PORT ... PORT+N-1). "
+                       "shutdown: on SIGTERM the listening socket closes at once and open streams end "
+                       "spread over PAYSTREAM_DRAIN_SECONDS (default 10; 0 ends them all at once) while "
+                       "in-flight requests finish; the process exits with 143 after.")
     p.add_argument("--host", default=None, help="default: $HOST or 127.0.0.1")
     p.add_argument("--port", type=int, default=None, help="default: $PORT or 8000")
     p.add_argument("--workers", type=int, default=1,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -58,6 +60,16 @@ class Settings(BaseSettings):
     # The longest a stream token may live: longer ttl_seconds are refused (400), and a
     # token whose exp is further ahead (minted elsewhere) is refused (401).
     max_token_ttl: int = Field(default=3600, ge=1, alias="PAYSTREAM_MAX_TOKEN_TTL")
+    # The LISTEN connection's URL (default: DATABASE_URL). With DATABASE_URL on a
+    # transaction-mode pooler (PgBouncer), point this straight at Postgres: LISTEN needs a
+    # session of its own. The migration lock takes it too.
+    listen_url: str | None = Field(default=None, alias="PAYSTREAM_LISTEN_URL")
+    # `transaction`: DATABASE_URL is a transaction-mode pooler, so the pool keeps no
+    # prepared statements across transactions (statement cache off; see db.create_pool).
+    db_pooler: Literal["none", "session", "transaction"] = Field(default="none", alias="PAYSTREAM_DB_POOLER")
+    # On SIGTERM, open streams end spread evenly over this many seconds (SSE streams end, WebSockets
+    # close with 1012), so clients reconnect to the other nodes in a trickle; 0 ends them all at once.
+    drain_seconds: float = Field(default=10.0, ge=0, le=3600, alias="PAYSTREAM_DRAIN_SECONDS")
 
     # --- signed webhooks to the merchant's backend (issue 12; payments/outbound.py) ---
     # Every logged event is POSTed here as a Standard Webhooks message; needs the secret too.

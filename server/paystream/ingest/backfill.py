@@ -54,46 +54,48 @@ async def backfill(pool: asyncpg.Pool, api: StripeApi, since: int | None = None)
     """List events created since `since` (default: the newest stored minus a margin) and
     apply, oldest first, each one not stored yet."""
     report = BackfillReport()
-    async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as lock_conn:
-        if not await lock_conn.fetchval("SELECT pg_try_advisory_lock($1)", _LOCK):
+    # A transaction-scoped lock, held by a transaction open around the whole pass: a
+    # session lock taken through a transaction-mode pooler (PAYSTREAM_DB_POOLER) would stay
+    # on whichever server session ran it, its unlock going to another.  The open
+    # transaction pins one pooled connection for the pass and holds no snapshot between
+    # statements (read committed, no writes on it); the events are applied on other ones.
+    async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as lock_conn, lock_conn.transaction():
+        if not await lock_conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", _LOCK):
             report.ran = False
             return report
+        report.since = since if since is not None else await default_since(pool)
+        events: list[dict[str, Any]] = []
         try:
-            report.since = since if since is not None else await default_since(pool)
-            events: list[dict[str, Any]] = []
+            async for event in api.list_events(report.since):
+                events.append(event)
+        except StripeFailure as failure:
+            report.errors.append(f"list events: {failure.message}")
+        report.listed = len(events)
+        stored = {r["id"] for r in await pool.fetch(
+            "SELECT id FROM stripe_events WHERE id = ANY($1::text[])", [e.get("id") for e in events])}
+        # Stripe lists newest first; apply in the order they happened.
+        for event in sorted(events, key=lambda e: (e.get("created") or 0)):
+            if event.get("id") in stored:
+                continue
             try:
-                async for event in api.list_events(report.since):
-                    events.append(event)
-            except StripeFailure as failure:
-                report.errors.append(f"list events: {failure.message}")
-            report.listed = len(events)
-            stored = {r["id"] for r in await pool.fetch(
-                "SELECT id FROM stripe_events WHERE id = ANY($1::text[])", [e.get("id") for e in events])}
-            # Stripe lists newest first; apply in the order they happened.
-            for event in sorted(events, key=lambda e: (e.get("created") or 0)):
-                if event.get("id") in stored:
-                    continue
-                try:
-                    check_envelope(event)
-                except MalformedEvent as exc:
-                    report.skipped += 1
-                    report.errors.append(f"{str(event.get('id'))[:60]}: {exc}")
-                    continue
-                if not is_supported(event["type"]):
-                    report.skipped += 1
-                    continue
-                try:
-                    outcome = await apply_event(pool, event, json.dumps(event), _HEADERS)
-                except DATABASE_DOWN:
-                    raise  # nothing can be stored now: the next pass tries again
-                except Exception as exc:  # kept as failed by apply_event, as a webhook's would be
-                    outcome = "failed"
-                    report.errors.append(f"{event['id']}: {type(exc).__name__}: {exc}")
-                report.applied[outcome] = report.applied.get(outcome, 0) + 1
-                log.info("backfilled %s: %s", event["type"], outcome,
-                         extra={"stripe_event_id": event["id"], "event_type": event["type"]})
-        finally:
-            await lock_conn.execute("SELECT pg_advisory_unlock($1)", _LOCK)
+                check_envelope(event)
+            except MalformedEvent as exc:
+                report.skipped += 1
+                report.errors.append(f"{str(event.get('id'))[:60]}: {exc}")
+                continue
+            if not is_supported(event["type"]):
+                report.skipped += 1
+                continue
+            try:
+                outcome = await apply_event(pool, event, json.dumps(event), _HEADERS)
+            except DATABASE_DOWN:
+                raise  # nothing can be stored now: the next pass tries again
+            except Exception as exc:  # kept as failed by apply_event, as a webhook's would be
+                outcome = "failed"
+                report.errors.append(f"{event['id']}: {type(exc).__name__}: {exc}")
+            report.applied[outcome] = report.applied.get(outcome, 0) + 1
+            log.info("backfilled %s: %s", event["type"], outcome,
+                     extra={"stripe_event_id": event["id"], "event_type": event["type"]})
     if report.applied or report.errors:
         log.info("backfill: %s", json.dumps(report.as_json()))
     return report

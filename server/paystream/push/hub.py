@@ -14,10 +14,13 @@ subscribed transaction from the log in one query.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 
@@ -52,6 +55,8 @@ class Hub:
         self._closing = False
         self._fetching: dict[str, bool] = {}  # txn id -> another fetch requested meanwhile
         self._tasks: set[asyncio.Task[None]] = set()
+        # Open WebSocket sessions (ws.WsSession): the drain closes each as one stream.
+        self.sessions: set[Any] = set()
 
     # --- life --------------------------------------------------------------------------
 
@@ -87,13 +92,35 @@ class Hub:
             self._schedule_fetch(txn_id)
         return sub
 
-    def close_all(self, reason: str) -> None:
-        """End every stream now and any opened from here on (the process is shutting down):
-        each answers what it has, and its client resumes from its cursor elsewhere."""
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    async def drain(self, seconds: float, reason: str = "shutdown", step: float = 0.1) -> None:
+        """The process is shutting down: every stream opened from here on ends at once, and
+        those open end spread evenly over `seconds` (a slice every `step`, the first at
+        once), so their clients reconnect to the other nodes in a trickle, not a wave.  A
+        WebSocket session is one stream (closed whole, with 1012); every other subscription
+        (SSE, long-poll) is one.  With 0 seconds all end at once."""
         self._closing = True
-        for subs in self._subs.values():
-            for sub in subs:
-                sub.close(reason)
+        on_sockets = {id(sub) for session in self.sessions for sub in session.subscriptions()}
+        streams: list[Callable[[], None]] = [session.shutdown for session in self.sessions]
+        streams += [functools.partial(sub.close, reason) for subs in self._subs.values() for sub in subs
+                    if id(sub) not in on_sockets]
+        random.shuffle(streams)  # sockets and SSE streams alike in every slice
+        slices = max(1, round(seconds / step)) if seconds > 0 else 1
+        log.info("draining %d streams over %g s", len(streams), seconds)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        done = 0
+        for i in range(slices):
+            upto = -(-len(streams) * (i + 1) // slices)
+            for end in streams[done:upto]:
+                end()
+            done = upto
+            if done >= len(streams):
+                break
+            await asyncio.sleep(max(0.0, start + (i + 1) * seconds / slices - loop.time()))
 
     def activate(self, sub: Subscription, snapshot_seq: int) -> None:
         """The stream has read its snapshot at snapshot_seq: push what comes after."""

@@ -73,14 +73,17 @@ async def _close_when_gone(receive: Receive, sub: Subscription) -> None:
     sub.close("gone")
 
 
-async def end_streams_on_shutdown(hub: Hub) -> None:
-    """On SIGTERM, end every stream cleanly (a complete chunked body; WebSockets are then
-    closed by uvicorn with 1012).  Clients reconnect after `retry` and resume with
-    Last-Event-ID.  The signal is sse-starlette's own shutdown detection (its patched
-    uvicorn exit handler, or uvicorn's should_exit), the one each of its streams waits on."""
+async def end_streams_on_shutdown(hub: Hub, drain_seconds: float = 0.0) -> None:
+    """On SIGTERM, end every stream cleanly, spread evenly over `drain_seconds`
+    (PAYSTREAM_DRAIN_SECONDS; 0: all at once) so clients reconnect to the other nodes in a
+    trickle: an SSE stream gets a complete chunked body (its client reconnects after `retry`
+    and resumes with Last-Event-ID), a WebSocket closes with 1012 (ws_protocol keeps uvicorn
+    from closing them all first), and any stream opened meanwhile ends at once.  The signal is
+    sse-starlette's own shutdown detection (its patched uvicorn exit handler, or uvicorn's
+    should_exit), the one each of its streams waits on."""
     await EventSourceResponse._listen_for_exit_signal()
-    log.info("shutting down: ending every stream")
-    hub.close_all("shutdown")
+    log.info("shutting down: ending every stream over %g s", drain_seconds)
+    await hub.drain(drain_seconds, "shutdown")
 
 
 def _sse(seq: int, event: str, data: str) -> bytes:

@@ -34,6 +34,8 @@ WS_CLOSE_SLOW_CONSUMER = 4008
 WS_CLOSE_TOO_MANY_MESSAGES = 4029
 # The first `auth` of a socket opened without a token named one already holding its streams.
 WS_CLOSE_POLICY = 1008
+# The node is shutting down (the drain on SIGTERM): reconnect and resubscribe with `after`.
+WS_CLOSE_RESTART = 1012
 # A socket opened without a token must send {"op":"auth"} within this many seconds.
 WS_AUTH_WINDOW = 5.0
 WS_SEND_TIMEOUT = 30.0
@@ -95,6 +97,9 @@ class WsSession:
         metrics.CONNECTIONS.labels("ws").inc()
         try:
             await ws.accept()  # inside: a client gone already still gives its count back
+            self.hub.sessions.add(self)  # the drain on SIGTERM closes it in its turn
+            if self.hub.closing:
+                self.shutdown()
             self.arm_expiry()
             while not self.closing:
                 message = await ws.receive()
@@ -106,6 +111,7 @@ class WsSession:
         except WebSocketDisconnect:
             pass
         finally:
+            self.hub.sessions.discard(self)
             if self.expiry is not None:
                 self.expiry.cancel()
             for client_id in list(self.pumps):
@@ -188,6 +194,16 @@ class WsSession:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.ws.close(code, reason), WS_CLOSE_TIMEOUT)
 
+    def shutdown(self) -> None:
+        """Close with 1012, from outside (Hub.drain on SIGTERM): the client reconnects
+        to another node and resubscribes with `after`."""
+        if not self.closing:
+            self.closer = asyncio.ensure_future(
+                self.close(WS_CLOSE_RESTART, "shutting down; reconnect and resubscribe with after"))
+
+    def subscriptions(self) -> list[Subscription]:
+        return [entry[0] for entry in self.pumps.values()]
+
     @property
     def authenticated(self) -> bool:
         return self.grant.backend or bool(self.grant.key)
@@ -215,6 +231,8 @@ class WsSession:
                 await self.send(f'{prefix}{seq},"data":{data}}}')
             if sub.reason == "overflow":
                 await self.close(WS_CLOSE_SLOW_CONSUMER, "too far behind; resubscribe with after")
+            elif sub.reason == "shutdown":  # subscribed while the node drains: go elsewhere now
+                self.shutdown()
         except WebSocketDisconnect:
             pass  # the session is closing; its own task cleans up
 
