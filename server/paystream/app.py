@@ -63,9 +63,7 @@ def create_app(settings: Settings | None = None, extra_routes: list[BaseRoute] |
                 await active.check(conn)
         log.info("effects: %s", ", ".join(active.names) or "none")
         # LISTEN needs a session of its own: PAYSTREAM_LISTEN_URL when DATABASE_URL is a
-        # transaction pooler.  (The listener can prove it hears a NOTIFY sent through the
-        # pool, probe_pool=pool; off until it no longer delays readiness after a partition:
-        # tests/e2e/test_partition.py failed with it in a clean-clone run.)
+        # transaction pooler.
         listen_dsn = settings.listen_url or dsn
         listener = PgListener(listen_dsn)
         hub = Hub(pool, listener, queue_limit=settings.subscriber_queue_limit,
@@ -89,8 +87,7 @@ def create_app(settings: Settings | None = None, extra_routes: list[BaseRoute] |
         await hub.start()
         app.state.hub, app.state.stripe = hub, api
         if not await hub.wait_ready(5):
-            log.warning("the listener is not ready yet (not connected, or not hearing its own NOTIFY);"
-                        " /readyz answers 503 until it is")
+            log.warning("the listener is not connected yet; /readyz answers 503 until it is")
         drain = asyncio.create_task(sse.end_streams_on_shutdown(hub, settings.drain_seconds), name="paystream-drain")
         gc_tuning = GcTuning()
         gc_tuning.start()
