@@ -35,6 +35,7 @@ from paystream.payments.refresh import RefreshLimits
 from paystream.payments.stripe_api import StripeApi
 from paystream.push import longpoll, sse, ws
 from paystream.push.hub import Hub
+from paystream.push.listener_nats import NatsListener
 from paystream.push.listener_pg import PgListener
 
 log = logging.getLogger("paystream.app")
@@ -52,9 +53,13 @@ def create_app(settings: Settings | None = None, extra_routes: list[BaseRoute] |
         metrics.watch_gc()
         metrics_port = metrics.serve_separately(settings)  # PAYSTREAM_METRICS_PORT, if set
         store.notify_events = settings.notify_events
+        store.broker = settings.broker is not None
         active = effects.install(effects.Effects(effects.load(settings.effects)))
+        nats_listener: list[NatsListener] = []  # set below; the pool's release hook wakes it
         pool = await db.create_pool(dsn, settings.db_pool_size,
-                                    transaction_pooled=settings.db_pooler == "transaction")
+                                    transaction_pooled=settings.db_pooler == "transaction",
+                                    on_release=(lambda: nats_listener and nats_listener[0].on_release())
+                                    if settings.broker else None)
         app.state.pool = pool
         app.state.schema_components = active.migrations()
         await health.check_schema(app)  # not ready (one log line) while migrations are missing
@@ -63,9 +68,14 @@ def create_app(settings: Settings | None = None, extra_routes: list[BaseRoute] |
                 await active.check(conn)
         log.info("effects: %s", ", ".join(active.names) or "none")
         # LISTEN needs a session of its own: PAYSTREAM_LISTEN_URL when DATABASE_URL is a
-        # transaction pooler.
+        # transaction pooler.  With PAYSTREAM_BROKER, NATS JetStream instead of LISTEN.
         listen_dsn = settings.listen_url or dsn
-        listener = PgListener(listen_dsn)
+        listener: PgListener | NatsListener
+        if settings.broker:
+            listener = NatsListener([u.strip() for u in settings.broker.split(",")], settings.broker_name, pool)
+            nats_listener.append(listener)
+        else:
+            listener = PgListener(listen_dsn)
         hub = Hub(pool, listener, queue_limit=settings.subscriber_queue_limit,
                   queue_bytes=settings.subscriber_buffer_bytes)
         api = StripeApi(settings.stripe_api_key, settings.stripe_api_base) if settings.stripe_api_key else None
@@ -92,7 +102,7 @@ def create_app(settings: Settings | None = None, extra_routes: list[BaseRoute] |
         gc_tuning = GcTuning()
         gc_tuning.start()
         log.info("browser origins allowed: %s", AllowedOrigins(settings.allowed_origins).describe())
-        log.info("paystream ready on %s", db.redact(dsn) if listen_dsn == dsn
+        log.info("paystream ready on %s", db.redact(dsn) if settings.broker or listen_dsn == dsn
                  else f"{db.redact(dsn)} (listening on {db.redact(listen_dsn)})")
         try:
             yield

@@ -67,6 +67,14 @@ class Settings(BaseSettings):
     # `transaction`: DATABASE_URL is a transaction-mode pooler, so the pool keeps no
     # prepared statements across transactions (statement cache off; see db.create_pool).
     db_pooler: Literal["none", "session", "transaction"] = Field(default="none", alias="PAYSTREAM_DB_POOLER")
+    # The fan-out engine between processes: unset, Postgres LISTEN/NOTIFY; nats://host:port
+    # (comma-separated for several servers of one cluster), NATS JetStream
+    # (push/listener_nats.py): no LISTEN connection, and commits take no NOTIFY lock. Every
+    # node of a deployment must use the same engine.
+    broker: str | None = Field(default=None, pattern=r"^(nats|tls)://", alias="PAYSTREAM_BROKER")
+    # The JetStream stream's name and its subjects' prefix (<name>.changes.<transaction id>):
+    # shared by the nodes of one deployment; another deployment on the same NATS uses another.
+    broker_name: str = Field(default="paystream", pattern=r"^[A-Za-z0-9_-]{1,64}$", alias="PAYSTREAM_BROKER_NAME")
     # On SIGTERM, open streams end spread evenly over this many seconds (SSE streams end, WebSockets
     # close with 1012), so clients reconnect to the other nodes in a trickle; 0 ends them all at once.
     drain_seconds: float = Field(default=10.0, ge=0, le=3600, alias="PAYSTREAM_DRAIN_SECONDS")

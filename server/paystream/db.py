@@ -6,7 +6,7 @@ import asyncio
 import logging
 import os
 import re
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -213,7 +213,8 @@ def direct_url(dsn: str) -> str:
     return os.environ.get("PAYSTREAM_LISTEN_URL") or dsn
 
 
-async def create_pool(dsn: str, size: int, *, transaction_pooled: bool | None = None) -> asyncpg.Pool:
+async def create_pool(dsn: str, size: int, *, transaction_pooled: bool | None = None,
+                      on_release: Callable[[], None] | None = None) -> asyncpg.Pool:
     # A fixed pool, opened at start-up and never left to expire: opening a connection under
     # load (connect, then the codec set-up's type introspection) stalled webhooks for
     # 100-200 ms each time the pool grew (S3 ack p99).
@@ -228,6 +229,13 @@ async def create_pool(dsn: str, size: int, *, transaction_pooled: bool | None = 
     # transaction-scoped, the listener and the migration lock connect to PAYSTREAM_LISTEN_URL).
     if transaction_pooled is None:
         transaction_pooled = transaction_pooler()
+    reset = _keep_session
+    if on_release is not None:
+        # Called as each connection comes back, after its commit or rollback, in (a copy
+        # of) the releasing task's context: the broker publishes what that task queued.
+        async def reset(conn: asyncpg.Connection) -> None:
+            on_release()
+
     return await asyncpg.create_pool(
         dsn,
         min_size=size,
@@ -235,7 +243,7 @@ async def create_pool(dsn: str, size: int, *, transaction_pooled: bool | None = 
         max_inactive_connection_lifetime=0,
         command_timeout=10,
         init=init_connection,
-        reset=_keep_session,
+        reset=reset,
         server_settings={"application_name": "paystream"},
         **({"statement_cache_size": 0} if transaction_pooled else {}),
     )

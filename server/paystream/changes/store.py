@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
 
@@ -246,6 +247,9 @@ def _log_entry(row: asyncpg.Record | dict[str, Any], data: dict[str, Any] | None
     if data is None:
         data = pushed_event(row, previous_status, stripe_event_id, event_type)
     text = json.dumps(data, separators=(",", ":"))
+    if broker:
+        _note_queued()
+        return text, ""
     return text, notify_payload(row["id"], row["seq"], row["status"], text)
 
 
@@ -264,6 +268,39 @@ def notify_payload(txn_id: str, seq: int, status: str, text: str) -> str:
     if notify_events and len(head) + len(_DATA) + len(text) <= NOTIFY_LIMIT:
         return f"{head[:-1]}{_DATA}{text}}}"
     return head
+
+
+# PAYSTREAM_BROKER (set by the app at start-up): a logged event is queued in broker_outbox,
+# in the statement that logs it, instead of NOTIFYing; push/listener_nats.py publishes it
+# after commit.  The pool asks take_queued() as it takes each connection back.
+broker = False
+_queued: ContextVar[list[int] | None] = ContextVar("paystream_broker_queued", default=None)
+
+
+def _note_queued() -> None:
+    box = _queued.get()
+    if box is None:
+        box = [0]
+        _queued.set(box)
+    box[0] += 1
+
+
+def take_queued() -> bool:
+    """Whether this task has queued events for the broker since it last asked.  Asked as
+    the pool takes a connection back (after its commit or rollback; the release runs in a
+    copy of the task's context, which holds the same box)."""
+    box = _queued.get()
+    if not box or not box[0]:
+        return False
+    box[0] = 0
+    return True
+
+
+def broker_message(txn_id: str, seq: int, status: str, text: str) -> bytes:
+    """What the broker carries: the NOTIFY payload's shape, always with the event (a
+    broker message may be far larger than a NOTIFY)."""
+    head = json.dumps({"id": txn_id, "seq": seq, "status": status}, separators=(",", ":"))
+    return f"{head[:-1]}{_DATA}{text}}}".encode()
 
 
 def notified_event(payload: str) -> tuple[str, int, str | None, str | None]:
@@ -287,21 +324,31 @@ async def append_event(
     event_type: str | None,
     data: dict[str, Any] | None = None,
 ) -> str:
-    """Log the transaction's new state at its seq and NOTIFY, in the caller's transaction.
+    """Log the transaction's new state at its seq and NOTIFY (with the broker: queue it in
+    broker_outbox), in the caller's transaction.
 
-    Postgres delivers the NOTIFY only at commit, so a listener never hears of a row it
-    cannot read yet. The payload stays tiny (ids, seq, status): far from the 8000-byte limit.
-    """
+    Postgres delivers the NOTIFY only at commit (and the outbox row is published only
+    after it), so a listener never hears of a row it cannot read yet."""
     text, payload = _log_entry(row, data, previous_status, stripe_event_id, event_type)
-    await conn.execute(
-        """WITH logged AS (
+    args = (row["id"], row["seq"], row["status"], previous_status, stripe_event_id, event_type, text)
+    if broker:
+        await conn.execute(_APPEND_SQL + _QUEUE_TAIL, *args)
+    else:
+        await conn.execute(_APPEND_SQL + "SELECT pg_notify($8, $9) FROM logged", *args, CHANNEL, payload)
+    return text
+
+
+_APPEND_SQL = """WITH logged AS (
              INSERT INTO transaction_events
                     (transaction_id, seq, status, previous_status, stripe_event_id, event_type, data)
              VALUES ($1, $2, $3, $4, $5, $6, $7::json)
+             RETURNING transaction_id, seq)
+           """
+# With the broker, the log row's pointer goes to the outbox in the same statement.
+_QUEUE_TAIL = """, queued AS (
+             INSERT INTO broker_outbox (transaction_id, seq) SELECT transaction_id, seq FROM logged
              RETURNING 1)
-           SELECT pg_notify($8, $9) FROM logged""",
-        row["id"], row["seq"], row["status"], previous_status, stripe_event_id, event_type, text, CHANNEL, payload)
-    return text
+           SELECT count(*) FROM queued"""
 
 
 async def move_and_log(
@@ -314,8 +361,8 @@ async def move_and_log(
     data: dict[str, Any] | None = None,
     finish_event: bool = False,
 ) -> None:
-    """Move a locked transaction to `moved` (its next seq), log it and NOTIFY, in one
-    statement; with finish_event, also record stripe_event_id as applied to it.
+    """Move a locked transaction to `moved` (its next seq), log it and NOTIFY (or queue it
+    for the broker), in one statement; with finish_event, also record stripe_event_id as applied to it.
 
     `moved` is the whole new row, made by the caller from the locked one, so the pushed
     JSON can be written in the same round trip as the row.  The schema's guards still
@@ -324,43 +371,35 @@ async def move_and_log(
     statement's update).  A row that is not at seq - 1 moves nothing, and that is an
     error here."""
     text, payload = _log_entry(moved, data, previous_status, stripe_event_id, event_type)
-    logged = await conn.fetchval(
-        """WITH moved AS (
+    args = (moved["id"], moved["seq"], moved["status"], moved["last_error"], moved["validated"],
+            moved["status_at"], moved["amount_refunded"], moved["updated_at"], previous_status,
+            stripe_event_id, event_type, text, finish_event, moved["dispute"])
+    if broker:
+        logged = await conn.fetchval(_MOVE_SQL + _QUEUE_TAIL, *args)
+    else:
+        logged = await conn.fetchval(_MOVE_SQL + "SELECT count(pg_notify($15, $16)) FROM logged",
+                                     *args, CHANNEL, payload)
+    if logged != 1:
+        raise RuntimeError(f"transaction {moved['id']}: not at seq {moved['seq'] - 1} (moved by someone else?)")
+
+
+_MOVE_SQL = """WITH moved AS (
              UPDATE transactions
                 SET status = $3, last_error = $4, validated = $5, status_at = $6,
-                    amount_refunded = $7, seq = $2, updated_at = $8, dispute = $16
+                    amount_refunded = $7, seq = $2, updated_at = $8, dispute = $14
               WHERE id = $1 AND seq = $2 - 1
           RETURNING id),
            logged AS (
              INSERT INTO transaction_events
                     (transaction_id, seq, status, previous_status, stripe_event_id, event_type, data)
              SELECT id, $2, $3, $9, $10, $11, $12::json FROM moved
-             RETURNING 1),
+             RETURNING transaction_id, seq),
            finished AS (
              UPDATE stripe_events
                 SET processed_at = clock_timestamp(), outcome = 'applied', transaction_id = $1, error = NULL
-              WHERE $15 AND id = $10 AND EXISTS (SELECT FROM logged)
+              WHERE $13 AND id = $10 AND EXISTS (SELECT FROM logged)
           RETURNING 1)
-           SELECT count(pg_notify($13, $14)) FROM logged""",
-        moved["id"],
-        moved["seq"],
-        moved["status"],
-        moved["last_error"],
-        moved["validated"],
-        moved["status_at"],
-        moved["amount_refunded"],
-        moved["updated_at"],
-        previous_status,
-        stripe_event_id,
-        event_type,
-        text,
-        CHANNEL,
-        payload,
-        finish_event,
-        moved["dispute"],
-    )
-    if logged != 1:
-        raise RuntimeError(f"transaction {moved['id']}: not at seq {moved['seq'] - 1} (moved by someone else?)")
+           """
 
 
 async def events_after(

@@ -42,7 +42,9 @@ QUEUE_DROPS = Counter("paystream_subscriber_overflows_total",
                       "Subscribers cut off because they stopped reading")
 LISTENER_RECONNECTS = Counter("paystream_listener_reconnects_total",
                               "Times the LISTEN connection was re-established")
-LISTENER_UP = Gauge("paystream_listener_up", "1 while the LISTEN connection is healthy")
+LISTENER_UP = Gauge("paystream_listener_up", "1 while the LISTEN (or NATS) connection is healthy")
+BROKER_PUBLISHED = Counter("paystream_broker_published_total",
+                           "Logged events this process published to NATS JetStream (PAYSTREAM_BROKER)")
 WEBHOOK_TO_PUSH = Histogram(
     "paystream_webhook_to_push_seconds",
     "From a change's write in the webhook transaction (its updated_at) to its hand-off to local subscribers",

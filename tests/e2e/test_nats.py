@@ -1,0 +1,272 @@
+"""NATS JetStream as the fan-out engine (PAYSTREAM_BROKER): nodes hear each other's changes
+through NATS with no LISTEN connection; an event committed by a process that dies before
+publishing it is published by another; a NATS restart in the middle of a burst loses and
+doubles nothing.  Each test uses a stream of its own (PAYSTREAM_BROKER_NAME) on the
+machine's NATS, or a nats-server of its own where it restarts it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import asyncpg
+import nats
+import pytest
+
+from paystream.dev import trigger
+from tests.conftest import Server
+from tests.harness import free_port
+from tests.support import SSE, Paystream, wait_until
+
+pytestmark = pytest.mark.e2e
+NATS_URL = os.environ.get("PAYSTREAM_TEST_NATS", "nats://127.0.0.1:4222")
+NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
+STEPS = ["payment_intent.created", "payment_intent.processing", "payment_intent.succeeded"]
+
+
+@pytest.fixture
+async def stream_name() -> AsyncIterator[str]:
+    """A JetStream stream of this test's own, deleted afterwards."""
+    name = f"pstest_{secrets.token_hex(4)}"
+    try:
+        nc = await nats.connect(NATS_URL, connect_timeout=2, allow_reconnect=False)
+    except Exception as exc:  # noqa: BLE001
+        pytest.fail(f"NATS at {NATS_URL} is required: {exc}")
+    await nc.close()
+    yield name
+    nc = await nats.connect(NATS_URL, connect_timeout=2, allow_reconnect=False)
+    with contextlib.suppress(Exception):
+        await nc.jetstream().delete_stream(name)
+    await nc.close()
+
+
+def node(database_url: str, broker: str, name: str) -> Server:
+    return Server(database_url, {"PAYSTREAM_BROKER": broker, "PAYSTREAM_BROKER_NAME": name,
+                                 "PAYSTREAM_SSE_PING": "1"})
+
+
+async def start(*servers: Server) -> None:
+    await asyncio.gather(*(asyncio.to_thread(s.start) for s in servers))
+
+
+async def metric(ps: Paystream, name: str) -> float:
+    text = (await ps.http.get("/metrics")).text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+async def stored_messages(url: str, name: str) -> int:
+    nc = await nats.connect(url, connect_timeout=2, allow_reconnect=False)
+    try:
+        return (await nc.jetstream().stream_info(name)).state.messages
+    finally:
+        await nc.close()
+
+
+async def outbox(db: asyncpg.Connection) -> int:
+    return await db.fetchval("SELECT count(*) FROM broker_outbox")
+
+
+async def outbox_empty(db: asyncpg.Connection) -> bool:
+    return await outbox(db) == 0
+
+
+async def listeners(db: asyncpg.Connection) -> int:
+    return await db.fetchval("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                             " AND (application_name = 'paystream-listener' OR query ILIKE 'LISTEN%')")
+
+
+async def collect(stream: SSE, until: str = "succeeded", timeout: float = 30) -> list[tuple[int, str]]:
+    """(seq, status) of every frame until `until`, the snapshot included."""
+    seen: list[tuple[int, str]] = []
+    async with asyncio.timeout(timeout):
+        while True:
+            frame = await stream.event(timeout=timeout)
+            assert frame is not None, f"stream ended after {seen}"
+            body = frame.json
+            seen.append((body["seq"], body["status"]))
+            if body["status"] == until:
+                return seen
+
+
+async def test_nodes_hear_each_other_through_nats_not_listen(
+        database_url: str, db: asyncpg.Connection, stream_name: str) -> None:
+    a, b = node(database_url, NATS_URL, stream_name), node(database_url, NATS_URL, stream_name)
+    await start(a, b)
+    try:
+        async with Paystream(a) as pa, Paystream(b) as pb:
+            assert await listeners(db) == 0  # no LISTEN connection anywhere
+            pis = [trigger.stripe_id("pi_") for _ in range(5)]
+            base = int(time.time())
+            for pi in pis:
+                await pa.deliver(pa.event(STEPS[0], pi, created=base))
+            async with contextlib.AsyncExitStack() as stack:
+                streams = [await stack.enter_async_context(pb.sse(pi)) for pi in pis]
+                for s in streams:
+                    assert (await s.event()).json["seq"] == 1
+                pushed_before = await metric(pb, "paystream_notifications_pushed_total")
+                for k, step in enumerate(STEPS[1:], 1):
+                    for pi in pis:
+                        await pa.deliver(pa.event(step, pi, created=base + k))
+                for s in streams:
+                    assert await collect(s) == [(2, "processing"), (3, "succeeded")]
+            # Node B pushed from the messages themselves (no log read), node A published them.
+            assert await metric(pb, "paystream_notifications_pushed_total") - pushed_before == 10
+            assert await metric(pa, "paystream_broker_published_total") >= 15
+            await wait_until(lambda: outbox_empty(db), what="the outbox to empty")
+            assert await stored_messages(NATS_URL, stream_name) == 15  # each event once
+            assert (await pb.http.get("/readyz")).json()["checks"]["listener"] is True
+    finally:
+        a.stop()
+        b.stop()
+
+
+class PausableProxy:
+    """A TCP relay to NATS whose client-to-server direction can be held: what the node
+    sends (its publishes) waits in the relay, so the node commits but cannot publish."""
+
+    def __init__(self, upstream: str) -> None:
+        host, _, port = upstream.removeprefix("nats://").partition(":")
+        self.upstream = (host, int(port))
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    async def __aenter__(self) -> PausableProxy:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, held: bool) -> None:
+            with contextlib.suppress(OSError, asyncio.CancelledError):
+                while data := await src.read(65536):
+                    if held:
+                        await self.flowing.wait()
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pump(reader, up_writer, True), pump(up_reader, writer, False))
+
+
+async def test_an_event_committed_by_a_process_killed_before_publishing_is_still_delivered(
+        database_url: str, db: asyncpg.Connection, stream_name: str) -> None:
+    async with PausableProxy(NATS_URL) as proxy:
+        a, b = node(database_url, proxy.url, stream_name), node(database_url, NATS_URL, stream_name)
+        await start(a, b)
+        try:
+            async with Paystream(a) as pa, Paystream(b) as pb:
+                pi = trigger.stripe_id("pi_")
+                base = int(time.time())
+                await pa.deliver(pa.event(STEPS[0], pi, created=base))
+                async with pb.sse(pi) as stream:
+                    assert (await stream.event()).json["seq"] == 1
+                    proxy.flowing.clear()  # A's publishes now go nowhere
+                    await pa.deliver(pa.event(STEPS[2], pi, created=base + 2))  # 200: committed
+
+                    async def claimed_by_a() -> bool:
+                        # Queued, and held by A's claim (waiting for an acknowledgement that
+                        # cannot come), so no one else can publish it meanwhile.
+                        async with db.transaction():
+                            if await outbox(db) != 1:
+                                return False
+                            try:
+                                await db.fetch("SELECT id FROM broker_outbox FOR UPDATE NOWAIT")
+                            except asyncpg.LockNotAvailableError:
+                                return True
+                            return False
+
+                    await wait_until(claimed_by_a, what="A to claim the committed event", timeout=15)
+                    a.proc.send_signal(signal.SIGKILL)  # between commit and publish
+                    a.proc.wait(10)
+                    # B relays it (within a second of A's claim ending with its connection).
+                    assert await collect(stream, timeout=15) == [(2, "succeeded")]
+                await wait_until(lambda: outbox_empty(db), what="the outbox to empty")
+                assert await stored_messages(NATS_URL, stream_name) == 2
+        finally:
+            proxy.flowing.set()
+            a.stop()
+            b.stop()
+
+
+@contextlib.contextmanager
+def own_nats(port: int, store: str) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen([NATS_SERVER, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", store],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+async def nats_up(url: str) -> bool:
+    try:
+        nc = await nats.connect(url, connect_timeout=1, allow_reconnect=False)
+    except Exception:  # noqa: BLE001
+        return False
+    await nc.close()
+    return True
+
+
+async def test_nats_restarted_mid_burst_loses_and_doubles_nothing(
+        database_url: str, db: asyncpg.Connection) -> None:
+    port, store = free_port(), tempfile.mkdtemp(prefix="paystream-nats-")
+    url = f"nats://127.0.0.1:{port}"
+    name = f"pstest_{secrets.token_hex(4)}"
+    count = 20
+    with own_nats(port, store) as first:
+        await wait_until(lambda: nats_up(url), what="nats-server")
+        a, b = node(database_url, url, name), node(database_url, url, name)
+        await start(a, b)
+        try:
+            async with Paystream(a) as pa, Paystream(b) as pb, contextlib.AsyncExitStack() as stack:
+                pis = [trigger.stripe_id("pi_") for _ in range(count)]
+                base = int(time.time())
+                for pi in pis:
+                    await pa.deliver(pa.event(STEPS[0], pi, created=base))
+                # Half the browsers on each node; every webhook to the other one.
+                streams = [await stack.enter_async_context((pb if i % 2 else pa).sse(pi))
+                           for i, pi in enumerate(pis)]
+                for s in streams:
+                    assert (await s.event()).json["seq"] == 1
+                results = [asyncio.create_task(collect(s, timeout=60)) for s in streams]
+
+                async def burst(step: int) -> None:
+                    await asyncio.gather(*((pa if i % 2 else pb).deliver(
+                        (pa if i % 2 else pb).event(STEPS[step], pi, created=base + step))
+                        for i, pi in enumerate(pis)))
+
+                await burst(1)
+                first.send_signal(signal.SIGKILL)  # mid-burst: half the changes sent, half to come
+                first.wait()
+                await burst(2)  # committed while NATS is down: queued in the outbox
+                with own_nats(port, store):
+                    for seen in await asyncio.gather(*results):
+                        assert seen == [(2, "processing"), (3, "succeeded")]
+                    await wait_until(lambda: outbox_empty(db), what="the outbox to empty", timeout=20)
+                    assert (await pa.http.get("/readyz")).status_code == 200
+                    assert await metric(pa, "paystream_listener_reconnects_total") >= 1
+        finally:
+            a.stop()
+            b.stop()
+            shutil.rmtree(store, ignore_errors=True)
