@@ -9,10 +9,12 @@ import secrets
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import httpx
 
 from paystream.dev.processes import free_port, wait_until_up
 
@@ -96,12 +98,14 @@ class Server:
         self.log_path = log_dir / f"server-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 30) -> Server:
+    def start(self, timeout: float = 30, ready: Callable[[httpx.Response], bool] | None = None) -> Server:
+        """Start and wait for /readyz to answer 200 (or to satisfy `ready`)."""
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "paystream", "serve", *self.args], env=self.env, stdout=log, stderr=log
         )
-        wait_until_up(self.proc, f"{self.base_url}/readyz", timeout, self.log_tail)
+        wait_until_up(self.proc, f"{self.base_url}/readyz", timeout, self.log_tail,
+                      *([ready] if ready is not None else []))
         return self
 
     def stop(self, sig: int = 15, timeout: float = 20) -> int | None:

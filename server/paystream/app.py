@@ -75,7 +75,7 @@ def create_app(settings: Settings | None = None, extra_routes: list[BaseRoute] |
             listener = NatsListener([u.strip() for u in settings.broker.split(",")], settings.broker_name, pool)
             nats_listener.append(listener)
         else:
-            listener = PgListener(listen_dsn)
+            listener = PgListener(listen_dsn, probe_dsn=dsn)
         hub = Hub(pool, listener, queue_limit=settings.subscriber_queue_limit,
                   queue_bytes=settings.subscriber_buffer_bytes)
         api = StripeApi(settings.stripe_api_key, settings.stripe_api_base) if settings.stripe_api_key else None

@@ -20,7 +20,7 @@ from paystream.dev import trigger
 from paystream.dev.localstripe import LocalStripe
 from paystream.dev.processes import free_port
 from tests.conftest import Server
-from tests.support import Paystream
+from tests.support import Paystream, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -171,3 +171,25 @@ async def test_pool_through_pgbouncer_listen_direct(pgbouncer: PgBouncer, databa
         srv.stop()
     log = srv.log_path.read_text()
     assert "prepared statement" not in log, srv.log_tail()
+
+
+async def test_listen_through_a_transaction_pooler_is_reported_not_silent(
+        pgbouncer: PgBouncer, database_url: str, local_stripe: LocalStripe) -> None:
+    """The mistake this guards against: no PAYSTREAM_LISTEN_URL, so LISTEN goes through
+    PgBouncer in transaction mode too, where it is accepted and hears nothing."""
+    srv = Server(database_url, _env(pgbouncer, database_url, local_stripe))
+    try:
+        # Up (it answers), but not ready: the listener never heard its own NOTIFY.
+        await asyncio.to_thread(srv.start, 30, lambda r: r.status_code == 503)
+        await wait_until(lambda: _logged(srv, "LISTEN through a transaction pooler?"), timeout=15,
+                         what="the pooler warning")
+        async with Paystream(srv) as ps:
+            answer = await ps.http.get("/readyz")
+            assert answer.status_code == 503
+            assert answer.json()["checks"] == {"database": True, "listener": False, "schema": True}
+    finally:
+        srv.stop()
+
+
+async def _logged(srv: Server, text: str) -> bool:
+    return text in srv.log_path.read_text()

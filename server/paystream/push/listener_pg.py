@@ -1,7 +1,12 @@
 """The Postgres LISTEN listener: one connection per process, checked every second and
 re-established with backoff when lost, hearing the `paystream` channel (and any other
 channel a component asks for, such as the outbox's).  It connects to PAYSTREAM_LISTEN_URL
-when DATABASE_URL is a transaction pooler: LISTEN needs a session of its own."""
+when DATABASE_URL is a transaction pooler: LISTEN needs a session of its own.
+
+After every (re)connect it proves that it hears what the writers send: a NOTIFY sent over
+a fresh connection to DATABASE_URL (the writers' path) must arrive within 2 s, else the
+process stays unready and says why.  Through a transaction-mode pooler a LISTEN is
+accepted but hears nothing, so this is how that mistake shows."""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import secrets
 from collections.abc import Callable
 
 import asyncpg
@@ -25,8 +31,16 @@ _KEEPALIVES = {"tcp_keepalives_idle": "5", "tcp_keepalives_interval": "2", "tcp_
 
 
 class PgListener(Listener):
-    def __init__(self, dsn: str, *, check_interval: float = 1.0, check_timeout: float = 2.0) -> None:
+    def __init__(self, dsn: str, *, probe_dsn: str | None = None, check_interval: float = 1.0,
+                 check_timeout: float = 2.0, probe_timeout: float = 2.0) -> None:
         self._dsn = dsn
+        # Where the writers connect (DATABASE_URL): the self-test's NOTIFY goes that way.
+        self._probe_dsn = probe_dsn
+        self._probe_timeout = probe_timeout
+        self._probe_channel = f"paystream_probe_{secrets.token_hex(6)}"
+        self._probe_heard = asyncio.Event()
+        self._verified = False
+        self._warned = False
         self._keepalives = True
         # A dead connection is noticed within check_interval + check_timeout (< 5 s),
         # at once when the socket closes.
@@ -52,7 +66,7 @@ class PgListener(Listener):
 
     @property
     def ready(self) -> bool:
-        return self.connected
+        return self.connected and self._verified
 
     async def start(self, on_change: OnChange, on_gap: OnGap) -> None:
         self._on_change, self._on_gap = on_change, on_gap
@@ -86,7 +100,8 @@ class PgListener(Listener):
                     backoff = min(backoff * 2, 5.0)
                     continue
                 backoff = 0.1
-                metrics.LISTENER_UP.set(1)
+            if self.connected and not self._verified:
+                await self._verify()
             await self._check()
 
     async def _connect(self) -> None:
@@ -108,15 +123,55 @@ class PgListener(Listener):
             conn = await asyncpg.connect(self._dsn, timeout=5, server_settings=settings)
         conn.add_termination_listener(lambda _conn: self._lost.set())
         await conn.add_listener(CHANNEL, self._on_notify)
+        if self._probe_dsn is not None:
+            await conn.add_listener(self._probe_channel, lambda *_args: self._probe_heard.set())
         for channel, callback in self._channels.items():
             await conn.add_listener(channel, lambda *_args, cb=callback: cb())
             callback()
         self._conn = conn
-        self._up.set()
+        self._verified = self._probe_dsn is None
+        self._warned = False
+        if self._verified:
+            self._up.set()
+            metrics.LISTENER_UP.set(1)
         if self._connected_once:
             metrics.LISTENER_RECONNECTS.inc()
         self._connected_once = True
         log.info("listening on %r", CHANNEL)
+
+    async def _verify(self) -> None:
+        """Send a NOTIFY the way the writers do and wait for it here; bounded (about 2 s
+        to send, 2 s to hear) and retried each check until heard.  Only a NOTIFY that was
+        sent and not heard counts against the setup: a failed send (the database away)
+        says nothing about it."""
+        assert self._probe_dsn is not None
+        self._probe_heard.clear()
+        try:
+            conn = await asyncpg.connect(self._probe_dsn, timeout=self._probe_timeout, statement_cache_size=0,
+                                         server_settings={"application_name": "paystream-probe"})
+        except (*DATABASE_ERRORS, asyncpg.InterfaceError) as exc:
+            log.info("listener self-test: cannot reach the database to send its NOTIFY (%s); retrying", exc)
+            return
+        try:
+            await asyncio.wait_for(conn.execute(f"NOTIFY {self._probe_channel}"), self._probe_timeout)
+        except DATABASE_ERRORS as exc:
+            log.info("listener self-test: its NOTIFY failed (%s); retrying", exc)
+            return
+        finally:
+            conn.terminate()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._probe_heard.wait(), self._probe_timeout)
+        if self._probe_heard.is_set():
+            self._verified = True
+            self._up.set()
+            metrics.LISTENER_UP.set(1)
+            if self._warned:
+                log.info("listener self-test: its NOTIFY arrived; ready")
+        elif not self._warned:
+            self._warned = True
+            log.error("the listener did not hear its own NOTIFY within %g s: LISTEN through a transaction "
+                      "pooler? Point PAYSTREAM_LISTEN_URL straight at Postgres (or a session-mode pooler); "
+                      "/readyz answers 503 until it hears one", self._probe_timeout)
 
     def _on_notify(self, conn: object, pid: int, channel: str, payload: str) -> None:
         try:
