@@ -471,7 +471,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "public port; with --workers N, one port per worker: PORT ... PORT+N-1). "
                        "shutdown: on SIGTERM the listening socket closes at once and open streams end "
                        "spread over PAYSTREAM_DRAIN_SECONDS (default 10; 0 ends them all at once) while "
-                       "in-flight requests finish; the process exits with 143 after.")
+                       "in-flight requests finish; the process exits with 143 after. "
+                       "several nodes: PAYSTREAM_LISTEN_URL (the LISTEN connection, straight to "
+                       "Postgres when DATABASE_URL is a transaction pooler, with "
+                       "PAYSTREAM_DB_POOLER=transaction); PAYSTREAM_BROKER=nats://host:port (NATS "
+                       "JetStream instead of LISTEN/NOTIFY between nodes; stream "
+                       "PAYSTREAM_BROKER_NAME, default paystream).")
     p.add_argument("--host", default=None, help="default: $HOST or 127.0.0.1")
     p.add_argument("--port", type=int, default=None, help="default: $PORT or 8000")
     p.add_argument("--workers", type=int, default=1,
