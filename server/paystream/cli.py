@@ -27,6 +27,12 @@ def _data_dir() -> Path:
 
 def _database_url(announce: bool) -> str:
     """DATABASE_URL, or the embedded Postgres kept under the data folder."""
+    from paystream.changes import store
+
+    # A command that moves transactions (reconcile, backfill, events --reprocess) announces
+    # its changes the way the servers hear them: with PAYSTREAM_BROKER, queued in the outbox
+    # (a server publishes them within a second), not NOTIFYed to no one.
+    store.broker = bool(os.environ.get("PAYSTREAM_BROKER"))
     url = os.environ.get("DATABASE_URL")
     if url:
         return url
