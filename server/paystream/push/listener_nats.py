@@ -70,6 +70,7 @@ class NatsListener(Listener):
         self._up = asyncio.Event()
         self._wake = asyncio.Event()
         self._connected_once = False
+        self._generation = 0  # of the connection: a closed one's callbacks must not touch the next
         self._tasks: list[asyncio.Task[None]] = []
         self._channels: dict[str, Callable[[], None]] = {}
         self._on_change: OnChange | None = None
@@ -137,11 +138,15 @@ class NatsListener(Listener):
     async def _connect(self) -> None:
         await self._drop()
         self._lost.clear()
+        generation = self._generation
 
         async def closed() -> None:
-            self._lost.set()
+            if generation == self._generation:
+                self._lost.set()
 
         async def error(exc: Exception) -> None:
+            if generation != self._generation:
+                return
             if isinstance(exc, nats.errors.SlowConsumerError):
                 # Messages were dropped on our side: reconnect and catch up from the log.
                 log.warning("NATS: this process fell behind the stream; catching up")
@@ -175,6 +180,7 @@ class NatsListener(Listener):
 
     async def _drop(self) -> None:
         self._up.clear()
+        self._generation += 1
         nc, self._nc, self._sub = self._nc, None, None
         if nc is not None and not nc.is_closed:
             with contextlib.suppress(*BROKER_ERRORS):
