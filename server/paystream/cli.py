@@ -154,6 +154,11 @@ def _run_uvicorn(host: str, port: int, workers: int, access_log: bool,
         # Leaves open sockets to the drain (PAYSTREAM_DRAIN_SECONDS) instead of closing all at once.
         ws="paystream.push.ws_protocol:DrainingWebSocketProtocol",
         access_log=access_log,
+        # uvicorn by default believes X-Forwarded-For from FORWARDED_ALLOW_IPS (127.0.0.1) and
+        # rewrites scope["client"] itself.  Off: the client address is decided only by
+        # PAYSTREAM_TRUSTED_PROXIES (auth/access.address), so scope["client"] is the TCP peer
+        # (and uvicorn's access lines name the peer, e.g. the load balancer).
+        proxy_headers=False,
         # After SIGTERM uvicorn closes its listening socket at once and waits this long for
         # open connections: the drain (streams end spread over PAYSTREAM_DRAIN_SECONDS) plus
         # 5 s, and at least the 10 s in-flight webhooks always had to commit.
@@ -482,7 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "Postgres when DATABASE_URL is a transaction pooler, with "
                        "PAYSTREAM_DB_POOLER=transaction); PAYSTREAM_BROKER=nats://host:port (NATS "
                        "JetStream instead of LISTEN/NOTIFY between nodes; stream "
-                       "PAYSTREAM_BROKER_NAME, default paystream).")
+                       "PAYSTREAM_BROKER_NAME, default paystream). behind a load balancer: "
+                       "PAYSTREAM_TRUSTED_PROXIES (its IPs or CIDR networks, comma-separated: their "
+                       "X-Forwarded-For names the client for per-address limits; default none).")
     p.add_argument("--host", default=None, help="default: $HOST or 127.0.0.1")
     p.add_argument("--port", type=int, default=None, help="default: $PORT or 8000")
     p.add_argument("--workers", type=int, default=1,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Secrets `paystream serve` refuses to start without, by environment variable name.
@@ -105,6 +105,20 @@ class Settings(BaseSettings):
     # answers 404. Unset: /metrics on the public port, as before.
     metrics_port: int | None = Field(default=None, ge=1, le=65535, alias="PAYSTREAM_METRICS_PORT")
     metrics_host: str = Field(default="127.0.0.1", alias="PAYSTREAM_METRICS_HOST")
+
+    # --- behind a load balancer (issue 13; auth/proxies.py) ---
+    # Proxies (IPs or CIDR networks, comma-separated) whose X-Forwarded-For / Forwarded
+    # header names the client, for per-address limits. Unset: trust no one, the TCP peer is
+    # the client. uvicorn's own proxy-header handling is off (cli._run_uvicorn).
+    trusted_proxies: str | None = Field(default=None, alias="PAYSTREAM_TRUSTED_PROXIES")
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _check_trusted_proxies(cls, value: str | None) -> str | None:
+        from paystream.auth.proxies import parse_networks
+
+        parse_networks(value)  # a bad item refuses to start, naming it
+        return value
 
     @property
     def webhook_secrets(self) -> list[str]:

@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+import functools
 import hmac
 
 from starlette.requests import HTTPConnection
 
 from paystream.auth import tokens
+from paystream.auth.proxies import TrustedProxies
 from paystream.auth.tokens import BACKEND, Grant
 from paystream.errors import ApiError
 
+# PAYSTREAM_TRUSTED_PROXIES parsed once per value (once per process in practice), not on
+# every stream's opening.
+_trusted = functools.lru_cache(maxsize=8)(TrustedProxies)
+
 
 def address(conn: HTTPConnection) -> str:
-    return conn.client.host if conn.client else "unknown"
+    """The client's address: the TCP peer, or, when the peer is a trusted proxy
+    (PAYSTREAM_TRUSTED_PROXIES), the client it names in X-Forwarded-For / Forwarded (see
+    auth/proxies.py).  Everything keyed by client address goes through here; uvicorn's
+    own proxy-header handling is off (cli._run_uvicorn), so scope["client"] is the peer."""
+    peer = conn.client.host if conn.client else "unknown"
+    proxies = _trusted(conn.app.state.settings.trusted_proxies)
+    return proxies.client(peer, conn.headers) if proxies else peer
 
 
 def _credential(conn: HTTPConnection) -> tuple[str | None, bool]:
