@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from paystream.auth import tokens
 from paystream.dev import trigger
 
 
@@ -94,6 +98,34 @@ class SSEStream:
         self.writer.close()
 
 
+async def open_waiting(host: str, port: int, pi: str, token_secret: str) -> SSEStream:
+    """A browser waiting on one transaction: its own stream token, the SSE stream opened
+    and its snapshot read."""
+    token = tokens.mint(token_secret, txn=[pi], ttl_seconds=3600)[0]
+    stream = await SSEStream.open(host, port, f"/v1/transactions/{pi}/events?token={token}")
+    snap = await stream.next_event()
+    assert snap is not None and snap.event == "snapshot"
+    return stream
+
+
+async def await_final_push(client: Any, sse: bool = True) -> tuple[float, bool]:
+    """Wait for the one push a subscriber of a `processing` transaction waits for: when it
+    arrived (perf_counter), and whether it was seq 2 `succeeded` — and, on SSE, the last
+    thing on the stream (the server ends it after a final status; anything before the end
+    would be a duplicate).  `client` is an SSEStream, or any object whose next_event()
+    answers (seq, status)."""
+    if sse:
+        ev = await client.next_event()
+        got = (ev.id, json.loads(ev.data)["status"]) if ev else None
+    else:
+        got = await client.next_event()
+    arrived = time.perf_counter()
+    ok = got == (2, "succeeded")
+    if sse and await client.next_event() is not None:
+        ok = False
+    return arrived, ok
+
+
 class _KeepAlive:
     """One persistent HTTP/1.1 connection, one request at a time, JSON answers."""
 
@@ -150,3 +182,31 @@ class HttpGetter(_KeepAlive):
 
     async def get_text(self, path: str) -> str:
         return (await self._raw(f"GET {path} HTTP/1.1\r\n"))[1].decode()
+
+
+async def send_paced(lanes: Sequence[Sequence[WebhookSender]], order: Sequence[str],
+                     requests: dict[str, tuple[str, bytes]], rate: float) -> tuple[dict[str, float], list[float]]:
+    """Webhooks at `rate` per second, open-loop: the k-th of `order` is due k / rate after
+    the start and goes to target k mod len(lanes) (round-robin over nodes), on whichever
+    of that target's keep-alive connections is free.  Every answer must be 200.  Returns
+    when each was sent (perf_counter, by key of `order`) and every ack in ms."""
+    queues: list[deque[tuple[int, str]]] = [deque() for _ in lanes]
+    for k, key in enumerate(order):
+        queues[k % len(lanes)].append((k, key))
+    sent: dict[str, float] = {}
+    acks: list[float] = []
+    start = time.perf_counter()
+
+    async def lane(sender: WebhookSender, queue: deque[tuple[int, str]]) -> None:
+        while queue:
+            k, key = queue.popleft()
+            delay = start + k / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)  # pacing the load, not synchronising
+            sent[key] = time.perf_counter()
+            status, _ = await sender.send(requests[key])
+            acks.append((time.perf_counter() - sent[key]) * 1000)
+            assert status == 200, f"webhook for {key} answered {status}"
+
+    await asyncio.gather(*(lane(s, queues[i]) for i, senders in enumerate(lanes) for s in senders))
+    return sent, acks

@@ -64,6 +64,43 @@ def targets(sse: dict | None, s1s: list[dict], storms: list[dict]) -> list[str]:
     return [*out, ""]
 
 
+def scale_out(s6: dict, s1: dict | None) -> list[str]:
+    """S6 (N nodes, one database) beside the last one-node S1 SSE run."""
+    m = s6.get("machine", {})
+    other = s6.get("machine_cpu_cores", {}).get("pushing", {}).get("rest_of_machine")
+    out = ["## S6 scale-out: nodes on one machine", "",
+           f"{s6['nodes']} `paystream serve` processes on one database, {s6['subscribers_per_node']} waiting SSE "
+           f"subscribers on each; webhooks at {s6['webhook_rate_per_s']:g}/s sent round-robin to the nodes, so "
+           f"{s6['cross_node_pushes']} of {s6['subscribers']} pushes crossed from one node to another. "
+           f"Machine: {m.get('cpus')} × {m.get('cpu')}, {m.get('memory_gib')} GiB, PostgreSQL "
+           f"{str(m.get('postgres', '?')).split()[0]}, Python {m.get('python')}; {m.get('shared', 'one host')}"
+           + ("" if other is None else f" (other work on the machine while pushing: {other} cores)") + ". "
+           "The one-node row is the last S1 SSE run. RSS per idle connection: the mean over the nodes, then each "
+           "node; server CPU: all nodes together; DB transactions/s: the whole database.", "",
+           row("nodes", "subscribers", "push p50", "p90", "p99", "max", "ack p50", "RSS/idle conn",
+               "server CPU idle / pushing", "DB xact/s: none waiting / N waiting", "full GCs while pushing",
+               "lost/dup"),
+           row(*["---"] * 12)]
+    if s1 is not None:
+        out.append(row(1, s1["subscribers"], *lat(s1, "webhook_sent_to_subscriber_received_ms"),
+                       f"{s1['webhook_ack_ms']['p50']} ms", f"{s1['server_rss_kb_per_idle_connection']} KB",
+                       f"{s1['server_cpu_idle_cores']} / {s1['server_cpu_while_pushing_cores']} cores",
+                       f"{s1['db_xacts_per_s_before_subscribers']} / {s1['db_xacts_per_s_while_waiting']}",
+                       gcs(s1), f"{s1['lost']}/{s1['wrong_or_duplicated']}"))
+    rss = s6["server_rss_kb_per_idle_connection"]
+    out.append(row(s6["nodes"], f"{s6['nodes']} × {s6['subscribers_per_node']}",
+                   *lat(s6, "webhook_sent_to_subscriber_received_ms"), f"{s6['webhook_ack_ms']['p50']} ms",
+                   f"{rss['mean']} KB ({' / '.join(str(v) for v in rss['per_node'])})",
+                   f"{s6['server_cpu_idle_cores']['total']} / {s6['server_cpu_while_pushing_cores']['total']} cores",
+                   f"{s6['db_xacts_per_s_before_subscribers']} / {s6['db_xacts_per_s_while_waiting']}",
+                   gcs(s6), f"{s6['lost']}/{s6['wrong_or_duplicated']}"))
+    same, cross = s6["same_node_ms"], s6["cross_node_ms"]
+    out += ["", f"Pushes whose webhook reached the subscriber's own node: p50 {same.get('p50')} ms, p99 "
+            f"{same.get('p99')} ms; through another node: p50 {cross.get('p50')} ms, p99 {cross.get('p99')} ms. "
+            f"Events pushed by each node: {' / '.join(str(v) for v in s6['events_pushed_by_node'])}.", ""]
+    return out
+
+
 def main() -> int:
     OUT.mkdir(exist_ok=True)
     lines = ["# paystream benchmarks", "", "Made by `bench/report.py` from the last run of each scenario.", ""]
@@ -102,6 +139,8 @@ def main() -> int:
                              f"{s1.get('db_xacts_per_s_before_subscribers')} / {s1.get('db_xacts_per_s_while_waiting')}",
                              gcs(s1), f"{s1['lost']}/{s1['wrong_or_duplicated']}"))
         lines.append("")
+    if s6 := load("s6_scale_out"):
+        lines += scale_out(s6, next((d for d in s1s if d["transport"] == "sse"), None))
     if s2 := load("s2_fanout"):
         lines += ["## S2 fan-out", "", row("subscribers", "events", "p50", "p90", "p99", "max", "once, in order"),
                   row(*["---"] * 7),

@@ -20,72 +20,27 @@ import sys
 import time
 from pathlib import Path
 
-import asyncpg
 import psutil
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # bench/, and the root for tests.harness
 
-from clients import HttpGetter, SSEStream, WebhookSender  # noqa: E402
-from common import machine, paystream, save, summary  # noqa: E402
+from clients import WebhookSender, await_final_push, open_waiting, send_paced  # noqa: E402
+from common import (  # noqa: E402
+    STATS_LAG,
+    bucket_delta,
+    db_rate,
+    longest,
+    machine,
+    paystream,
+    save,
+    scrape,
+    seed,
+    summary,
+)
 
 from paystream.auth import tokens  # noqa: E402
-from paystream.changes import store  # noqa: E402
 from paystream.dev import trigger  # noqa: E402
 from tests.harness import Server  # noqa: E402
-
-
-async def seed(database_url: str, n: int) -> list[str]:
-    """N transactions in `processing`, written straight to the database (set-up, not measured)."""
-    conn = await asyncpg.connect(database_url)
-    await store.init_connection(conn)
-    pis = [trigger.stripe_id("pi_") for _ in range(n)]
-    async with conn.transaction():
-        rows = []
-        for pi in pis:
-            row = await store.insert_transaction(conn, stripe_id=pi, kind="payment", status="processing",
-                                                 amount=1500, currency="usd", customer_id=None, metadata={})
-            rows.append(row)
-        for row in rows:
-            await store.append_event(conn, row, previous_status=None, stripe_event_id=None, event_type="bench")
-    await conn.close()
-    return pis
-
-
-async def db_queries(database_url: str) -> int:
-    conn = await asyncpg.connect(database_url)
-    try:
-        return await conn.fetchval("SELECT xact_commit + xact_rollback FROM pg_stat_database"
-                                   " WHERE datname = current_database()")
-    finally:
-        await conn.close()
-
-
-async def scrape(port: int) -> dict[str, float]:
-    """Every sample on the server's /metrics, keyed by name{labels}."""
-    getter = HttpGetter("127.0.0.1", port)
-    try:
-        text = await getter.get_text("/metrics")
-    finally:
-        getter.close()
-    return {key: float(value) for line in text.splitlines() if line and not line.startswith("#")
-            for key, value in [line.rsplit(" ", 1)]}
-
-
-def bucket_delta(before: dict[str, float], after: dict[str, float], prefix: str) -> dict[str, float]:
-    """A histogram's cumulative bucket counts between two scrapes, by `le`."""
-    return {key.split('le="', 1)[1].split('"', 1)[0]: after[key] - before.get(key, 0)
-            for key in after if key.startswith(prefix)}
-
-
-def longest(buckets: dict[str, float]) -> str:
-    """The smallest bucket bound that holds every observation: "≤ 0.05 s"."""
-    total = buckets.get("+Inf", 0)
-    if not total:
-        return "none"
-    for le in sorted((b for b in buckets if b != "+Inf"), key=float):
-        if buckets[le] >= total:
-            return f"≤ {le} s"
-    return "> the largest bucket"
 
 
 class WsClient:
@@ -111,19 +66,6 @@ class WsClient:
         asyncio.ensure_future(self.ws.close())
 
 
-# A Postgres 15 backend reports its counters to pg_stat_database up to 10 s after it goes
-# idle, so a window opened sooner would count the set-up's queries as the waiting ones.
-STATS_LAG = 11.0
-
-
-async def db_rate(database_url: str, seconds: float) -> float:
-    """Database transactions per second over a window (a measurement, not a wait)."""
-    q0, t0 = await db_queries(database_url), time.perf_counter()
-    await asyncio.sleep(seconds)
-    q1, t1 = await db_queries(database_url), time.perf_counter()
-    return (q1 - q0 - 1) / (t1 - t0)  # minus the first read's own transaction
-
-
 async def run(server: Server, database_url: str, n: int, rate: float, transport: str,
               idle_window: float, baseline: bool = True) -> dict[str, object]:
     proc = psutil.Process(server.proc.pid)
@@ -142,13 +84,11 @@ async def run(server: Server, database_url: str, n: int, rate: float, transport:
     t_open = time.perf_counter()
 
     async def open_one(pi: str) -> None:
-        token = tokens.mint(server.token_secret, txn=[pi], ttl_seconds=3600)[0]
         async with sem:
             if transport == "sse":
-                client = await SSEStream.open("127.0.0.1", server.port, f"/v1/transactions/{pi}/events?token={token}")
-                snap = await client.next_event()
-                assert snap is not None and snap.event == "snapshot"
+                client = await open_waiting("127.0.0.1", server.port, pi, server.token_secret)
             else:
+                token = tokens.mint(server.token_secret, txn=[pi], ttl_seconds=3600)[0]
                 client = await WsClient.open(server.port, pi, token)
                 assert (await client.next_event())[0] == 1
         clients[pi] = client
@@ -172,45 +112,19 @@ async def run(server: Server, database_url: str, n: int, rate: float, transport:
     bad: list[str] = []
 
     async def receive(pi: str) -> None:
-        client = clients[pi]
-        if transport == "sse":
-            ev = await client.next_event()
-            got = (ev.id, json.loads(ev.data)["status"]) if ev else None
-        else:
-            got = await client.next_event()
-        received[pi] = time.perf_counter()
-        if got != (2, "succeeded"):
+        received[pi], ok = await await_final_push(clients[pi], sse=transport == "sse")
+        if not ok:
             bad.append(pi)
-        if transport == "sse" and await client.next_event() is not None:
-            bad.append(pi)  # anything after the final status would be a duplicate
 
     receivers = [asyncio.create_task(receive(pi)) for pi in pis]
 
     # Webhooks at `rate` per second from a few keep-alive connections.
     senders = [WebhookSender("127.0.0.1", server.port, server.webhook_secret) for _ in range(8)]
-    sent: dict[str, float] = {}
-    acks: list[float] = []
     requests = {pi: senders[0].prepare(trigger.build("payment_intent.succeeded", pi)) for pi in pis}
     await asyncio.gather(*(s.connect() for s in senders))
     m2 = await scrape(server.port)
-    queue: asyncio.Queue[str] = asyncio.Queue()
-    for pi in pis:
-        queue.put_nowait(pi)
     cpu2, t2 = proc.cpu_times(), time.perf_counter()
-
-    async def send_lane(sender: WebhookSender) -> None:
-        while not queue.empty():
-            pi = queue.get_nowait()
-            due = t2 + (n - queue.qsize() - 1) / rate
-            delay = due - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)  # pacing the load, not synchronising
-            sent[pi] = time.perf_counter()
-            status, _ = await sender.send(requests[pi])
-            acks.append((time.perf_counter() - sent[pi]) * 1000)
-            assert status == 200
-
-    await asyncio.gather(*(send_lane(s) for s in senders))
+    sent, acks = await send_paced([senders], pis, requests, rate)
     await asyncio.wait_for(asyncio.gather(*receivers), 120)
     cpu3, t3 = proc.cpu_times(), time.perf_counter()
     m3 = await scrape(server.port)

@@ -19,8 +19,7 @@ from pathlib import Path
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # bench/, and the root for tests.harness
 
 from clients import SSEStream, WebhookSender  # noqa: E402
-from common import machine, paystream, save, summary  # noqa: E402
-from s1_waiting import seed  # noqa: E402
+from common import machine, paystream, save, seed, summary  # noqa: E402
 
 from paystream.auth import tokens  # noqa: E402
 from paystream.dev import trigger  # noqa: E402

@@ -23,8 +23,7 @@ import httpx
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # bench/, and the root for tests.harness
 
 from clients import HttpGetter, WebhookSender  # noqa: E402
-from common import machine, paystream, save, summary  # noqa: E402
-from s1_waiting import db_rate, seed  # noqa: E402
+from common import db_rate, machine, paystream, save, seed, summary  # noqa: E402
 from s1_waiting import run as run_push  # noqa: E402
 
 from paystream.auth import tokens  # noqa: E402

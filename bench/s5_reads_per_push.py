@@ -24,7 +24,7 @@ import httpx
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # bench/, and the root for tests.harness
 
 from clients import SSEStream, WebhookSender  # noqa: E402
-from common import machine, save  # noqa: E402
+from common import machine, save, start_nodes  # noqa: E402
 
 from paystream.auth import tokens  # noqa: E402
 from paystream.dev import trigger  # noqa: E402
@@ -92,14 +92,12 @@ def run(nodes: int, subscribers: int, events: int, notify_events: bool) -> dict:
     env = {"PAYSTREAM_NOTIFY_EVENTS": "1" if notify_events else "0",
            "PAYSTREAM_MAX_STREAMS_PER_ADDRESS": str(subscribers + 100),
            "PAYSTREAM_MAX_STREAMS_PER_TOKEN": str(subscribers + 100)}
-    servers = [Server(database.url, env) for _ in range(nodes)]
     try:
-        for server in servers:
-            server.webhook_secret = servers[0].webhook_secret  # one Stripe endpoint for the fleet
-            server.token_secret = servers[0].token_secret
-            server.env.update({"STRIPE_WEBHOOK_SECRET": servers[0].env["STRIPE_WEBHOOK_SECRET"],
-                               "PAYSTREAM_TOKEN_SECRET": servers[0].token_secret})
-            server.start()
+        servers = start_nodes(database.url, nodes, env)  # one Stripe endpoint for the fleet
+    except BaseException:
+        database.drop()
+        raise
+    try:
         return asyncio.run(scenario(servers, database.url, subscribers, events))
     finally:
         for server in servers:
