@@ -101,6 +101,26 @@ def scale_out(s6: dict, s1: dict | None) -> list[str]:
     return out
 
 
+def engines(s7: dict) -> list[str]:
+    """S7: Postgres LISTEN/NOTIFY against NATS JetStream, measured in one run."""
+    out = ["## S7 fan-out engines: LISTEN/NOTIFY and NATS JetStream", "",
+           f"Two nodes on one database, {s7['subscribers_on_b']} SSE subscribers waiting on node B, webhooks at "
+           f"{s7['rate']:g}/s to node A only (every push crosses nodes); then {s7['writers']} writers committing "
+           f"logged events as fast as they can for {s7['writer_seconds']:g} s (with NATS, this process also "
+           "publishes them after each commit, as a node does). Both engines in the same run, on the same machine.", "",
+           row("engine", "cross-node push p50", "p90", "p99", "max", "every event once", "commits/s (8 writers)",
+               "published/s", "Postgres connections per node"),
+           row(*["---"] * 9)]
+    for name in ("listen", "nats"):
+        e = s7[name]
+        out.append(row(name, *lat(e, "push_ms"), e["every_event_once"], e["writers"]["commits_per_s"],
+                       e["writers"].get("published_per_s", "–"), e["postgres_connections_per_node"]))
+    r = s7["nats_vs_listen"]
+    out += ["", f"NATS / LISTEN: push p50 × {r['push_p50']}, p99 × {r['push_p99']}, commits/s × {r['commits_per_s']}.",
+            ""]
+    return out
+
+
 def main() -> int:
     OUT.mkdir(exist_ok=True)
     lines = ["# paystream benchmarks", "", "Made by `bench/report.py` from the last run of each scenario.", ""]
@@ -141,6 +161,8 @@ def main() -> int:
         lines.append("")
     if s6 := load("s6_scale_out"):
         lines += scale_out(s6, next((d for d in s1s if d["transport"] == "sse"), None))
+    if s7 := load("s7_engines"):
+        lines += engines(s7)
     if s2 := load("s2_fanout"):
         lines += ["## S2 fan-out", "", row("subscribers", "events", "p50", "p90", "p99", "max", "once, in order"),
                   row(*["---"] * 7),
