@@ -122,6 +122,8 @@ async def writers(url: str, broker: bool, seconds: float) -> dict:
 
 async def engine_run(servers: list, url: str, args: argparse.Namespace, broker: bool) -> dict:
     result = await cross_node(servers, url, args.subscribers, args.rate)
+    # The writers run alone: the nodes' once-a-second claim would publish their rows too.
+    await asyncio.gather(*(asyncio.to_thread(s.stop) for s in servers))
     result["writers"] = await writers(url, broker, args.seconds)
     return result
 
