@@ -10,7 +10,7 @@ import os
 import platform
 import resource
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import asyncpg
@@ -180,3 +180,18 @@ def longest(buckets: dict[str, float]) -> str:
         if buckets[le] >= total:
             return f"≤ {le} s"
     return "> the largest bucket"
+
+
+async def open_all(keys: list[str], opener: Callable[[str], Awaitable[object]],
+                   at_once: int = 200) -> tuple[dict[str, object], float]:
+    """Open a client per key, `at_once` at a time; the clients by key, and the seconds it took."""
+    clients: dict[str, object] = {}
+    sem = asyncio.Semaphore(at_once)
+    start = time.perf_counter()
+
+    async def one(key: str) -> None:
+        async with sem:
+            clients[key] = await opener(key)
+
+    await asyncio.gather(*(one(key) for key in keys))
+    return clients, time.perf_counter() - start

@@ -31,6 +31,7 @@ from common import (  # noqa: E402
     db_rate,
     longest,
     machine,
+    open_all,
     paystream,
     save,
     scrape,
@@ -79,22 +80,15 @@ async def run(server: Server, database_url: str, n: int, rate: float, transport:
         before_qps = await db_rate(database_url, 5)
 
     # Open every subscriber and read its snapshot.
-    clients: dict[str, object] = {}
-    sem = asyncio.Semaphore(200)
-    t_open = time.perf_counter()
+    async def open_one(pi: str) -> object:
+        if transport == "sse":
+            return await open_waiting("127.0.0.1", server.port, pi, server.token_secret)
+        token = tokens.mint(server.token_secret, txn=[pi], ttl_seconds=3600)[0]
+        client = await WsClient.open(server.port, pi, token)
+        assert (await client.next_event())[0] == 1
+        return client
 
-    async def open_one(pi: str) -> None:
-        async with sem:
-            if transport == "sse":
-                client = await open_waiting("127.0.0.1", server.port, pi, server.token_secret)
-            else:
-                token = tokens.mint(server.token_secret, txn=[pi], ttl_seconds=3600)[0]
-                client = await WsClient.open(server.port, pi, token)
-                assert (await client.next_event())[0] == 1
-        clients[pi] = client
-
-    await asyncio.gather(*(open_one(pi) for pi in pis))
-    open_seconds = time.perf_counter() - t_open
+    clients, open_seconds = await open_all(pis, open_one)
     # This process's own 10,000 client streams are frozen out of its garbage collector, so
     # that its pauses are not counted as the server's latency.
     gc.freeze()

@@ -40,6 +40,7 @@ from common import (  # noqa: E402
     fleet,
     longest,
     machine,
+    open_all,
     raise_open_files,
     save,
     scrape,
@@ -146,16 +147,8 @@ async def run(servers: list[Server], database_url: str, per_node: int, rate: flo
     before_qps = await db_rate(database_url, 5)
 
     # Open every subscriber on its node and read its snapshot.
-    clients: dict[str, object] = {}
-    sem = asyncio.Semaphore(200)
-    t_open = time.perf_counter()
-
-    async def open_one(pi: str) -> None:
-        async with sem:
-            clients[pi] = await open_waiting("127.0.0.1", servers[home[pi]].port, pi, servers[0].token_secret)
-
-    await asyncio.gather(*(open_one(pi) for pi in pis))
-    open_seconds = time.perf_counter() - t_open
+    clients, open_seconds = await open_all(
+        pis, lambda pi: open_waiting("127.0.0.1", servers[home[pi]].port, pi, servers[0].token_secret))
     gc.freeze()  # the client's own streams stay out of its collector (as in S1)
     # (Looked up now: this connection's own counters must land before the window opens.)
     watch = MachineCpu(procs, await backend_pids(database_url))
