@@ -1,7 +1,6 @@
 // Server-Sent Events over fetch (works in browsers and Node; EventSource can neither send
-// the token in a header, nor the cursor we keep, nor report HTTP statuses). The token is
-// checked when the stream opens: an open stream may outlive it, and the next one uses
-// the newest.
+// the token in a header, nor the cursor we keep, nor report HTTP statuses). The server
+// ends the stream at its token's expiry; the next one uses the newest token.
 
 import { headers, HttpError, url, type Transport, type TransportOptions } from "./transport.js";
 

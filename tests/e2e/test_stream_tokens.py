@@ -7,6 +7,7 @@ import json
 import time
 from datetime import UTC, datetime
 
+import jwt
 import pytest
 import websockets
 
@@ -110,3 +111,26 @@ async def test_tokens_live_at_most_the_maximum_ttl(ps: Paystream) -> None:
     for token, status in ((forever, 401), (no_exp, 401), (within, 200)):
         resp = await ps.http.get(f"/v1/transactions/{pi}", headers={"Authorization": f"Bearer {token}"})
         assert resp.status_code == status, resp.text
+
+
+async def test_sse_and_long_poll_end_when_their_token_expires(ps: Paystream) -> None:
+    """A stream lives no longer than the token it was opened with: SSE ends cleanly at
+    `exp` (a client reconnects with a fresh token and resumes from its seq), a long-poll
+    answers then; the same token opens nothing after."""
+    pi = trigger.stripe_id("pi_")
+    await ps.deliver(ps.event("payment_intent.processing", pi))
+    token = ps.token(pi, ttl=2)
+    exp = jwt.decode(token, options={"verify_signature": False})["exp"]
+    async with ps.sse(pi, token=token) as stream:
+        assert (await stream.event()).event == "snapshot"
+        assert await stream.rest(timeout=10) == []  # no event: the server ends it
+    assert exp <= time.time() < exp + 2
+    assert (await ps.http.get(f"/v1/transactions/{pi}/events", params={"token": token})).status_code == 401
+
+    token = ps.token(pi, ttl=2)
+    exp = jwt.decode(token, options={"verify_signature": False})["exp"]
+    answer = await ps.http.get(f"/v1/transactions/{pi}", params={"await": "succeeded", "timeout": "30",
+                                                                 "token": token}, timeout=40)
+    assert answer.status_code == 200
+    assert (answer.json()["status"], answer.json()["timed_out"]) == ("processing", True)
+    assert exp <= time.time() + 0.05 < exp + 2

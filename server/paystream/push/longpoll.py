@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -46,6 +47,8 @@ async def get_transaction(request: Request) -> JSONResponse:
     state = store.render(row)
     gone = asyncio.create_task(_client_gone(request))
     metrics.CONNECTIONS.labels("long_poll").inc()
+    if grant.exp is not None:  # never wait past the token's expiry
+        timeout = max(0.0, min(timeout, grant.exp - time.time()))
     try:
         async with asyncio.timeout(timeout):
             while state["status"] not in targets:

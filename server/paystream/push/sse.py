@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
@@ -86,6 +87,11 @@ async def end_streams_on_shutdown(hub: Hub, drain_seconds: float = 0.0) -> None:
     await hub.drain(drain_seconds, "shutdown")
 
 
+def _until(exp: float | None, ping: float) -> float:
+    """The next idle wake-up: the ping interval, or the token's expiry if that is sooner."""
+    return ping if exp is None else max(0.001, min(ping, exp - time.time()))  # 0 would mean "never"
+
+
 def _sse(seq: int, event: str, data: str) -> bytes:
     return f"id: {seq}\nevent: {event}\ndata: {data}\n\n".encode()
 
@@ -114,8 +120,12 @@ async def sse(request: Request) -> Response:
             yield _sse(row["seq"], "snapshot", json.dumps(store.render(row), separators=(",", ":")))
             if row["status"] in FINAL and not follow:
                 return
-        while (item := await sub.get(idle=ping)) is not None:
+        while (item := await sub.get(idle=_until(grant.exp, ping))) is not None:
             if item is IDLE:
+                if grant.expired():
+                    # The token the stream was opened with has expired: end cleanly; the
+                    # client reconnects with a fresh one and resumes from its seq.
+                    return
                 yield b": ping\n\n"  # the keep-alive comment, at least every PAYSTREAM_SSE_PING s
                 continue
             seq, status, data = item
