@@ -30,7 +30,7 @@ from pathlib import Path
 import httpx
 
 from paystream.dev.processes import free_port, wait_until_up
-from tests.harness import ROOT, FreshDatabase, Server, system_reachable
+from tests.harness import ROOT, FreshDatabase, Server, stop_process, system_reachable, tail
 
 HAPROXY_CFG = ROOT / "docs" / "haproxy.cfg"
 # Test-only, beside the README's file: HAProxy's stats page, so a test can see which nodes
@@ -50,7 +50,23 @@ def haproxy_binary() -> str | None:
     return shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/usr/local/sbin")
 
 
-class HAProxy:
+class _Daemon:
+    """A balancer process of the test's own: stopped with SIGTERM (HAProxy under -db, and
+    nginx, stop at once on it; nginx's SIGQUIT would wait for open streams), its folder removed."""
+
+    proc: subprocess.Popen[bytes] | None
+    dir: Path
+    log_path: Path
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def log_tail(self, n: int = 40) -> str:
+        return tail(self.log_path, n)
+
+
+class HAProxy(_Daemon):
     """HAProxy in the foreground (-db) on a free port, in front of `nodes` (name → host:port)."""
 
     def __init__(self, nodes: dict[str, str], log_dir: Path) -> None:
@@ -91,21 +107,6 @@ class HAProxy:
                 raise RuntimeError(f"HAProxy has {name} {seen}, not {status}, after {timeout} s")
             time.sleep(0.05)
 
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()  # -db: SIGTERM stops at once
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def log_tail(self, n: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text().splitlines()[-n:])
-        except OSError:
-            return ""
 
 
 NGINX_CONF = ROOT / "docs" / "nginx.conf"
@@ -118,7 +119,7 @@ def nginx_binary() -> str | None:
     return shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
 
 
-class Nginx:
+class Nginx(_Daemon):
     """nginx in the foreground on a free port, with docs/nginx.conf as its `http` block's
     content and `nodes` (host:port, three) in place of the example addresses."""
 
@@ -163,21 +164,6 @@ http {{
         wait_until_up(self.proc, f"{self.url}/healthz", timeout, self.log_tail)
         return self
 
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()  # fast shutdown: SIGQUIT would wait for open streams
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def log_tail(self, n: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text().splitlines()[-n:])
-        except OSError:
-            return ""
 
 
 class Cluster:

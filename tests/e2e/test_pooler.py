@@ -20,6 +20,7 @@ from paystream.dev import trigger
 from paystream.dev.localstripe import LocalStripe
 from paystream.dev.processes import free_port
 from tests.conftest import Server
+from tests.harness import stop_process, tail
 from tests.support import Paystream, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -103,19 +104,10 @@ pidfile = {self.dir}/pgbouncer.pid
         return urlunsplit(urlsplit(database_url)._replace(netloc=f"postgres@127.0.0.1:{self.port}"))
 
     def log_tail(self) -> str:
-        try:
-            return "\n".join((self.dir / "pgbouncer.log").read_text().splitlines()[-20:])
-        except OSError:
-            return ""
+        return tail(self.dir / "pgbouncer.log", 20)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
