@@ -585,5 +585,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pydantic import ValidationError
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ValidationError as exc:
+        # A setting from the environment that cannot be right: one line per setting, named
+        # as the operator wrote it, instead of a traceback.
+        for error in exc.errors():
+            name = ".".join(str(part) for part in error["loc"]) or "settings"
+            value = error.get("input")
+            print(f"paystream: {name}={value!r}: {error['msg']}", file=sys.stderr)
+        return 2

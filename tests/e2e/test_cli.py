@@ -43,6 +43,19 @@ def test_serve_refuses_without_its_secrets_and_names_them() -> None:
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize(("name", "value", "says"), [
+    ("PAYSTREAM_TRUSTED_PROXIES", "10.0.0.0/33", "not an IP address or a network"),
+    ("PAYSTREAM_BROKER", "redis://127.0.0.1:6379", "should match pattern"),
+    ("PAYSTREAM_DRAIN_SECONDS", "-1", "greater than or equal to 0"),
+])
+def test_a_bad_setting_is_refused_in_one_line_naming_it(name: str, value: str, says: str) -> None:
+    result = paystream("serve", env=clean_env(**{name: value}))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()], result.stderr  # one line
+    assert name in result.stderr and repr(value) in result.stderr and says in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_help_names_every_command() -> None:
     out = paystream("--help").stdout
     for command in ("dev", "serve", "migrate", "token", "trigger"):
