@@ -48,13 +48,20 @@ async def stream_name() -> AsyncIterator[str]:
     await nc.close()
 
 
-def node(database_url: str, broker: str, name: str) -> Server:
-    return Server(database_url, {"PAYSTREAM_BROKER": broker, "PAYSTREAM_BROKER_NAME": name,
-                                 "PAYSTREAM_SSE_PING": "1"})
-
-
-async def start(*servers: Server) -> None:
-    await asyncio.gather(*(asyncio.to_thread(s.start) for s in servers))
+@contextlib.asynccontextmanager
+async def two_nodes(database_url: str, name: str, a_broker: str,
+                    b_broker: str | None = None) -> AsyncIterator[tuple[Paystream, Paystream]]:
+    """Nodes A and B on one database and one stream, A reaching NATS at `a_broker` and B at
+    `b_broker` (default: the same); clients of each; both stopped afterwards."""
+    servers = [Server(database_url, {"PAYSTREAM_BROKER": broker, "PAYSTREAM_BROKER_NAME": name,
+                                     "PAYSTREAM_SSE_PING": "1"}) for broker in (a_broker, b_broker or a_broker)]
+    try:
+        await asyncio.gather(*(asyncio.to_thread(s.start) for s in servers))
+        async with Paystream(servers[0]) as pa, Paystream(servers[1]) as pb:
+            yield pa, pb
+    finally:
+        for server in servers:
+            server.stop()
 
 
 async def metric(ps: Paystream, name: str) -> float:
@@ -101,37 +108,31 @@ async def collect(stream: SSE, until: str = "succeeded", timeout: float = 30) ->
 
 async def test_nodes_hear_each_other_through_nats_not_listen(
         database_url: str, db: asyncpg.Connection, stream_name: str) -> None:
-    a, b = node(database_url, NATS_URL, stream_name), node(database_url, NATS_URL, stream_name)
     before = await listeners(db)  # the session's LISTEN server may share this database
-    await start(a, b)
-    try:
-        async with Paystream(a) as pa, Paystream(b) as pb:
-            assert await listeners(db) == before  # the NATS nodes hold no LISTEN connection
-            pis = [trigger.stripe_id("pi_") for _ in range(5)]
-            base = int(time.time())
-            for pi in pis:
-                await pa.deliver(pa.event(STEPS[0], pi, created=base))
-            async with contextlib.AsyncExitStack() as stack:
-                streams = [await stack.enter_async_context(pb.sse(pi)) for pi in pis]
-                for s in streams:
-                    assert (await s.event()).json["seq"] == 1
-                pushed_before = await metric(pb, "paystream_notifications_pushed_total")
-                for k, step in enumerate(STEPS[1:], 1):
-                    for pi in pis:
-                        await pa.deliver(pa.event(step, pi, created=base + k))
-                for s in streams:
-                    assert await collect(s) == [(2, "processing"), (3, "succeeded")]
-            # Node B pushed from the messages themselves (no log read), node A published them.
-            assert await metric(pb, "paystream_notifications_pushed_total") - pushed_before == 10
-            # Published by A after its commits, or by B's once-a-second claim if it came first.
-            assert (await metric(pa, "paystream_broker_published_total")
-                    + await metric(pb, "paystream_broker_published_total")) >= 15
-            await wait_until(lambda: outbox_empty(db), what="the outbox to empty")
-            assert await stored_messages(NATS_URL, stream_name) == 15  # each event once
-            assert (await pb.http.get("/readyz")).json()["checks"]["listener"] is True
-    finally:
-        a.stop()
-        b.stop()
+    async with two_nodes(database_url, stream_name, NATS_URL) as (pa, pb):
+        assert await listeners(db) == before  # the NATS nodes hold no LISTEN connection
+        pis = [trigger.stripe_id("pi_") for _ in range(5)]
+        base = int(time.time())
+        for pi in pis:
+            await pa.deliver(pa.event(STEPS[0], pi, created=base))
+        async with contextlib.AsyncExitStack() as stack:
+            streams = [await stack.enter_async_context(pb.sse(pi)) for pi in pis]
+            for s in streams:
+                assert (await s.event()).json["seq"] == 1
+            pushed_before = await metric(pb, "paystream_notifications_pushed_total")
+            for k, step in enumerate(STEPS[1:], 1):
+                for pi in pis:
+                    await pa.deliver(pa.event(step, pi, created=base + k))
+            for s in streams:
+                assert await collect(s) == [(2, "processing"), (3, "succeeded")]
+        # Node B pushed from the messages themselves (no log read), node A published them.
+        assert await metric(pb, "paystream_notifications_pushed_total") - pushed_before == 10
+        # Published by A after its commits, or by B's once-a-second claim if it came first.
+        assert (await metric(pa, "paystream_broker_published_total")
+                + await metric(pb, "paystream_broker_published_total")) >= 15
+        await wait_until(lambda: outbox_empty(db), what="the outbox to empty")
+        assert await stored_messages(NATS_URL, stream_name) == 15  # each event once
+        assert (await pb.http.get("/readyz")).json()["checks"]["listener"] is True
 
 
 class PausableProxy:
@@ -177,39 +178,32 @@ class PausableProxy:
 async def test_an_event_committed_by_a_process_killed_before_publishing_is_still_delivered(
         database_url: str, db: asyncpg.Connection, stream_name: str) -> None:
     async with PausableProxy(NATS_URL) as proxy:
-        a, b = node(database_url, proxy.url, stream_name), node(database_url, NATS_URL, stream_name)
-        await start(a, b)
-        try:
-            async with Paystream(a) as pa, Paystream(b) as pb:
-                pi = trigger.stripe_id("pi_")
-                base = int(time.time())
-                await pa.deliver(pa.event(STEPS[0], pi, created=base))
-                async with pb.sse(pi) as stream:
-                    assert (await stream.event()).json["seq"] == 1
-                    proxy.flowing.clear()  # A's publishes now go nowhere
-                    await pa.deliver(pa.event(STEPS[2], pi, created=base + 2))  # 200: committed
+        async with two_nodes(database_url, stream_name, proxy.url, NATS_URL) as (pa, pb):
+            pi = trigger.stripe_id("pi_")
+            base = int(time.time())
+            await pa.deliver(pa.event(STEPS[0], pi, created=base))
+            async with pb.sse(pi) as stream:
+                assert (await stream.event()).json["seq"] == 1
+                proxy.flowing.clear()  # A's publishes now go nowhere
+                await pa.deliver(pa.event(STEPS[2], pi, created=base + 2))  # 200: committed
 
-                    async def claimed_by_a() -> bool:
-                        # Queued, and held by a claim that has waited for its acknowledgement
-                        # for a while: A's (B's publishes are acknowledged at once), so no one
-                        # else can publish it meanwhile.
-                        return await outbox(db) == 1 and await db.fetchval(
-                            """SELECT count(*) FROM pg_stat_activity
-                                WHERE datname = current_database() AND state = 'idle in transaction'
-                                  AND query LIKE '%broker_outbox%SKIP LOCKED%'
-                                  AND clock_timestamp() - state_change > interval '300 ms'""") == 1
+                async def claimed_by_a() -> bool:
+                    # Queued, and held by a claim that has waited for its acknowledgement
+                    # for a while: A's (B's publishes are acknowledged at once), so no one
+                    # else can publish it meanwhile.
+                    return await outbox(db) == 1 and await db.fetchval(
+                        """SELECT count(*) FROM pg_stat_activity
+                            WHERE datname = current_database() AND state = 'idle in transaction'
+                              AND query LIKE '%broker_outbox%SKIP LOCKED%'
+                              AND clock_timestamp() - state_change > interval '300 ms'""") == 1
 
-                    await wait_until(claimed_by_a, what="A to claim the committed event", timeout=15)
-                    a.proc.send_signal(signal.SIGKILL)  # between commit and publish
-                    a.proc.wait(10)
-                    # B relays it (within a second of A's claim ending with its connection).
-                    assert await collect(stream, timeout=15) == [(2, "succeeded")]
-                await wait_until(lambda: outbox_empty(db), what="the outbox to empty")
-                assert await stored_messages(NATS_URL, stream_name) == 2
-        finally:
-            proxy.flowing.set()
-            a.stop()
-            b.stop()
+                await wait_until(claimed_by_a, what="A to claim the committed event", timeout=15)
+                pa.server.proc.send_signal(signal.SIGKILL)  # between commit and publish
+                pa.server.proc.wait(10)
+                # B relays it (within a second of A's claim ending with its connection).
+                assert await collect(stream, timeout=15) == [(2, "succeeded")]
+            await wait_until(lambda: outbox_empty(db), what="the outbox to empty")
+            assert await stored_messages(NATS_URL, stream_name) == 2
 
 
 @contextlib.contextmanager
@@ -243,10 +237,8 @@ async def test_nats_restarted_mid_burst_loses_and_doubles_nothing(
     count = 20
     with own_nats(port, store) as first:
         await wait_until(lambda: nats_up(url), what="nats-server")
-        a, b = node(database_url, url, name), node(database_url, url, name)
-        await start(a, b)
         try:
-            async with Paystream(a) as pa, Paystream(b) as pb, contextlib.AsyncExitStack() as stack:
+            async with two_nodes(database_url, name, url) as (pa, pb), contextlib.AsyncExitStack() as stack:
                 pis = [trigger.stripe_id("pi_") for _ in range(count)]
                 base = int(time.time())
                 for pi in pis:
@@ -285,34 +277,26 @@ async def test_nats_restarted_mid_burst_loses_and_doubles_nothing(
                     assert await metric(pa, "paystream_listener_reconnects_total") == 1
                     assert await metric(pb, "paystream_listener_reconnects_total") == 1
         finally:
-            a.stop()
-            b.stop()
             shutil.rmtree(store, ignore_errors=True)
 
 
 async def test_a_stream_deleted_under_connected_nodes_is_made_again_and_nothing_is_missed(
         database_url: str, db: asyncpg.Connection, stream_name: str) -> None:
-    a, b = node(database_url, NATS_URL, stream_name), node(database_url, NATS_URL, stream_name)
-    await start(a, b)
-    try:
-        async with Paystream(a) as pa, Paystream(b) as pb:
-            pi = trigger.stripe_id("pi_")
-            base = int(time.time())
-            await pa.deliver(pa.event(STEPS[0], pi, created=base))
-            async with pb.sse(pi) as stream:
-                assert (await stream.event()).json["seq"] == 1
-                await pa.deliver(pa.event(STEPS[1], pi, created=base + 1))
-                assert (await stream.event()).json["seq"] == 2
-                nc = await nats.connect(NATS_URL, connect_timeout=2, allow_reconnect=False)
-                try:
-                    assert await nc.jetstream().delete_stream(stream_name)
-                finally:
-                    await nc.close()
-                await pa.deliver(pa.event(STEPS[2], pi, created=base + 2))
-                # Both nodes notice (a publish finds no stream; the stream check sees it gone
-                # or made again), reconnect, and B catches its subscriber up.
-                assert await collect(stream, timeout=30) == [(3, "succeeded")]
-            await wait_until(lambda: outbox_empty(db), what="the outbox to empty")
-    finally:
-        a.stop()
-        b.stop()
+    async with two_nodes(database_url, stream_name, NATS_URL) as (pa, pb):
+        pi = trigger.stripe_id("pi_")
+        base = int(time.time())
+        await pa.deliver(pa.event(STEPS[0], pi, created=base))
+        async with pb.sse(pi) as stream:
+            assert (await stream.event()).json["seq"] == 1
+            await pa.deliver(pa.event(STEPS[1], pi, created=base + 1))
+            assert (await stream.event()).json["seq"] == 2
+            nc = await nats.connect(NATS_URL, connect_timeout=2, allow_reconnect=False)
+            try:
+                assert await nc.jetstream().delete_stream(stream_name)
+            finally:
+                await nc.close()
+            await pa.deliver(pa.event(STEPS[2], pi, created=base + 2))
+            # Both nodes notice (a publish finds no stream; the stream check sees it gone
+            # or made again), reconnect, and B catches its subscriber up.
+            assert await collect(stream, timeout=30) == [(3, "succeeded")]
+        await wait_until(lambda: outbox_empty(db), what="the outbox to empty")
