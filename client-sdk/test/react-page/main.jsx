@@ -4,15 +4,19 @@ import { useEffect, useState } from "react";
 import { createRoot } from "react-dom/client";
 import { usePaymentStatus } from "@paystream/client/react";
 
-// Every request the SDK opens, and each abort of one, in order.
+// Every request the SDK opens, each abort of one, and each response body the server
+// ended (an SSE stream ends at its token's expiry), in order.
 window.requests = [];
 const realFetch = window.fetch;
-window.fetch = (input, init = {}) => {
+window.fetch = async (input, init = {}) => {
   const url = new URL(String(input instanceof Request ? input.url : input), location.href);
   const name = url.pathname;
   window.requests.push(["open", name, url.search]);
   init.signal?.addEventListener("abort", () => window.requests.push(["abort", name]));
-  return realFetch(input, init);
+  const res = await realFetch(input, init);
+  if (!res.body) return res;
+  const ended = new TransformStream({ flush: () => { window.requests.push(["end", name]); } });
+  return new Response(res.body.pipeThrough(ended), { status: res.status, statusText: res.statusText, headers: res.headers });
 };
 window.updates = []; // every onUpdate: [id, seq, status]
 
