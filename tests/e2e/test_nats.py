@@ -1,5 +1,6 @@
 """NATS JetStream as the fan-out engine (PAYSTREAM_BROKER): nodes hear each other's changes
-through NATS with no LISTEN connection; an event committed by a process that dies before
+through NATS with no LISTEN connection, and their commits NOTIFY nothing (signed webhooks
+to a backend included); an event committed by a process that dies before
 publishing it is published by another; a NATS restart in the middle of a burst loses and
 doubles nothing.  Each test uses a stream of its own (PAYSTREAM_BROKER_NAME) on the
 machine's NATS, or a nats-server of its own where it restarts it."""
@@ -21,8 +22,12 @@ import asyncpg
 import nats
 import pytest
 
+from paystream.changes.store import CHANNEL
 from paystream.dev import trigger
+from paystream.dev.localstripe import LocalStripe
+from paystream.effects.outbound import OUTBOUND_CHANNEL
 from tests.conftest import Server
+from tests.e2e.test_outbound import Backend, outbound_env
 from tests.harness import free_port
 from tests.support import SSE, Paystream, wait_until
 
@@ -49,12 +54,13 @@ async def stream_name() -> AsyncIterator[str]:
 
 
 @contextlib.asynccontextmanager
-async def two_nodes(database_url: str, name: str, a_broker: str,
-                    b_broker: str | None = None) -> AsyncIterator[tuple[Paystream, Paystream]]:
+async def two_nodes(database_url: str, name: str, a_broker: str, b_broker: str | None = None,
+                    env: dict[str, str] | None = None) -> AsyncIterator[tuple[Paystream, Paystream]]:
     """Nodes A and B on one database and one stream, A reaching NATS at `a_broker` and B at
-    `b_broker` (default: the same); clients of each; both stopped afterwards."""
+    `b_broker` (default: the same), with `env` besides; clients of each; both stopped afterwards."""
     servers = [Server(database_url, {"PAYSTREAM_BROKER": broker, "PAYSTREAM_BROKER_NAME": name,
-                                     "PAYSTREAM_SSE_PING": "1"}) for broker in (a_broker, b_broker or a_broker)]
+                                     "PAYSTREAM_SSE_PING": "1", **(env or {})})
+               for broker in (a_broker, b_broker or a_broker)]
     try:
         await asyncio.gather(*(asyncio.to_thread(s.start) for s in servers))
         async with Paystream(servers[0]) as pa, Paystream(servers[1]) as pb:
@@ -133,6 +139,48 @@ async def test_nodes_hear_each_other_through_nats_not_listen(
         await wait_until(lambda: outbox_empty(db), what="the outbox to empty")
         assert await stored_messages(NATS_URL, stream_name) == 15  # each event once
         assert (await pb.http.get("/readyz")).json()["checks"]["listener"] is True
+
+
+async def test_with_nats_commits_notify_nothing_and_webhooks_to_the_backend_still_go(
+        database_url: str, db: asyncpg.Connection, stream_name: str, local_stripe: LocalStripe) -> None:
+    """The broker's point is commits without Postgres's NOTIFY lock: not even the outbound
+    webhooks' wake-up NOTIFYs; their deliverer is woken by the process that publishes."""
+    backend = Backend()
+    await backend.start()
+    heard: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+    listener = await asyncpg.connect(database_url)
+    for channel in (CHANNEL, OUTBOUND_CHANNEL):
+        await listener.add_listener(channel, lambda _c, _pid, ch, payload: heard.put_nowait((ch, payload)))
+    try:
+        async with two_nodes(database_url, stream_name, NATS_URL,
+                             env=outbound_env(backend, local_stripe, scale=0.0005)) as (pa, pb):
+            pis = [trigger.stripe_id("pi_") for _ in range(4)]
+            base = int(time.time())
+            for k, step in enumerate(STEPS):
+                for n, pi in enumerate(pis):
+                    ps = (pa, pb)[n % 2]
+                    await ps.deliver(ps.event(step, pi, created=base + k))
+            txns = set(await db.fetchval("SELECT array_agg(id) FROM transactions WHERE stripe_id = ANY($1)", pis))
+            expected = {(txn, seq) for txn in txns for seq in (1, 2, 3)}
+
+            async def delivered() -> bool:
+                return await db.fetchval("SELECT count(*) FROM outbound_deliveries WHERE transaction_id = ANY($1)"
+                                         " AND delivered_at IS NOT NULL", list(txns)) == len(expected)
+
+            await wait_until(delivered, timeout=20, what="every logged event delivered to the backend")
+            assert set(backend.accepted()) == expected
+        # Notifications arrive in commit order: once this one is heard, any the nodes'
+        # commits sent would have been heard before it.
+        await db.execute("SELECT pg_notify($1, 'sentinel')", OUTBOUND_CHANNEL)
+        got = []
+        while (item := await asyncio.wait_for(heard.get(), 5)) != (OUTBOUND_CHANNEL, "sentinel"):
+            got.append(item)
+        # The main channel may carry another node's changes (the session's LISTEN server).
+        ours = [(ch, p) for ch, p in got if ch == OUTBOUND_CHANNEL or any(txn in p for txn in txns)]
+        assert ours == [], f"NOTIFYs sent by the NATS nodes' commits: {ours[:5]}"
+    finally:
+        await listener.close()
+        await backend.stop()
 
 
 class PausableProxy:

@@ -1,13 +1,16 @@
 """Built-in effect: a card validation's $1 authorisation is released once it has done
 its job (reached requires_capture).  The Stripe call cannot run inside the database
 transaction, so the effect queues it in the outbox (unique per transaction) and wakes the
-recovery loop, which cancels the PaymentIntent after commit with an idempotency key."""
+recovery loop (by NOTIFY; with the broker, PAYSTREAM_BROKER, the process that publishes
+the event wakes it), which cancels the PaymentIntent after commit with an idempotency key."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import asyncpg
+
+from paystream.changes import store
 
 OUTBOX_CHANNEL = "paystream_outbox"
 
@@ -23,8 +26,8 @@ class CardValidationRelease:
                 """WITH queued AS (
                      INSERT INTO outbox (kind, transaction_id) VALUES ('cancel_validation', $1)
                      ON CONFLICT DO NOTHING RETURNING 1)
-                   SELECT pg_notify($2, $1) FROM queued""",
-                transaction["id"], OUTBOX_CHANNEL)
+                   SELECT pg_notify($2, $1) FROM queued WHERE $3""",
+                transaction["id"], OUTBOX_CHANNEL, not store.broker)
         return None
 
 

@@ -1,6 +1,8 @@
 """Built-in effect: every logged event is queued for the merchant's backend as a signed
 Standard Webhooks message (PAYSTREAM_OUTBOUND_URL), in the database transaction that logs
-it, so no event is logged without its message nor queued without being logged.
+it, so no event is logged without its message nor queued without being logged.  The queue
+NOTIFYs the deliverers' wake-up channel, except with the broker (PAYSTREAM_BROKER), whose
+commits take no NOTIFY lock: there the process that publishes the event wakes its own.
 
 Only a pointer (transaction, seq) is queued: the worker (paystream.payments.outbound)
 reads the message's data from the event log when it sends it, which is exactly the pushed
@@ -14,6 +16,8 @@ from __future__ import annotations
 from typing import Any
 
 import asyncpg
+
+from paystream.changes import store
 
 OUTBOUND_CHANNEL = "paystream_outbound"
 
@@ -49,9 +53,9 @@ class OutboundWebhooks:
                                              AND delivered_at IS NULL AND failed_at IS NULL)
                              THEN NULL ELSE clock_timestamp() END
                  RETURNING 1)
-               SELECT pg_notify($4, '') FROM queued""",
+               SELECT pg_notify($4, '') FROM queued WHERE $5""",
             webhook_id(transaction["id"], transaction["seq"]), transaction["id"], transaction["seq"],
-            OUTBOUND_CHANNEL)
+            OUTBOUND_CHANNEL, not store.broker)
         return None
 
 

@@ -1,8 +1,8 @@
 """NATS JetStream as the fan-out engine between nodes (PAYSTREAM_BROKER=nats://…), for a
 fleet beyond what one Postgres's NOTIFY serialises: the process holds no LISTEN
 connection, and a change's commit takes no NOTIFY lock (the outbound-webhook and
-card-validation effects still NOTIFY their own wake-up channels, which no one hears here:
-their work is found by the publishing process, woken after each batch, or by polling).
+card-validation effects send no wake-up NOTIFY either: their work is found by the
+publishing process, woken after each batch, or by the others' polling).
 
 Postgres stays the source of truth.  A logged event is queued in broker_outbox by the very
 statement that logs it (changes/store.py), so the queue commits or rolls back with the
