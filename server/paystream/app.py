@@ -35,6 +35,7 @@ from paystream.payments.refresh import RefreshLimits
 from paystream.payments.stripe_api import StripeApi
 from paystream.push import longpoll, sse, ws
 from paystream.push.hub import Hub
+from paystream.push.listener import LISTEN_MARK, nats_mark, warn_of_other_engines
 from paystream.push.listener_nats import NatsListener
 from paystream.push.listener_pg import PgListener
 
@@ -56,10 +57,13 @@ def create_app(settings: Settings | None = None, extra_routes: list[BaseRoute] |
         store.broker = settings.broker is not None
         active = effects.install(effects.Effects(effects.load(settings.effects)))
         nats_listener: list[NatsListener] = []  # set below; the pool's release hook wakes it
+        # The engine's mark: a NATS node's pool carries it, a LISTEN node's listener does.
+        engine_mark = nats_mark(settings.broker_name) if settings.broker else LISTEN_MARK
         pool = await db.create_pool(dsn, settings.db_pool_size,
                                     transaction_pooled=settings.db_pooler == "transaction",
                                     on_release=(lambda: nats_listener and nats_listener[0].on_release())
-                                    if settings.broker else None)
+                                    if settings.broker else None,
+                                    application_name=engine_mark if settings.broker else "paystream")
         app.state.pool = pool
         app.state.schema_components = active.migrations()
         await health.check_schema(app)  # not ready (one log line) while migrations are missing
@@ -98,6 +102,10 @@ def create_app(settings: Settings | None = None, extra_routes: list[BaseRoute] |
         app.state.hub, app.state.stripe = hub, api
         if not await hub.wait_ready(5):
             log.warning("the listener is not connected yet; /readyz answers 503 until it is")
+        try:
+            await warn_of_other_engines(pool, engine_mark)
+        except db.DATABASE_ERRORS as exc:
+            log.warning("could not look for nodes on another fan-out engine: %s", exc)
         drain = asyncio.create_task(sse.end_streams_on_shutdown(hub, settings.drain_seconds), name="paystream-drain")
         gc_tuning = GcTuning()
         gc_tuning.start()

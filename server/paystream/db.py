@@ -214,7 +214,8 @@ def direct_url(dsn: str) -> str:
 
 
 async def create_pool(dsn: str, size: int, *, transaction_pooled: bool | None = None,
-                      on_release: Callable[[], None] | None = None) -> asyncpg.Pool:
+                      on_release: Callable[[], None] | None = None,
+                      application_name: str = "paystream") -> asyncpg.Pool:
     # A fixed pool, opened at start-up and never left to expire: opening a connection under
     # load (connect, then the codec set-up's type introspection) stalled webhooks for
     # 100-200 ms each time the pool grew (S3 ack p99).
@@ -244,7 +245,7 @@ async def create_pool(dsn: str, size: int, *, transaction_pooled: bool | None = 
         command_timeout=10,
         init=init_connection,
         reset=reset,
-        server_settings={"application_name": "paystream"},
+        server_settings={"application_name": application_name},
         **({"statement_cache_size": 0} if transaction_pooled else {}),
     )
 

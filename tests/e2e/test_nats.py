@@ -183,6 +183,45 @@ async def test_with_nats_commits_notify_nothing_and_webhooks_to_the_backend_stil
         await backend.stop()
 
 
+async def test_a_node_starting_beside_nodes_on_another_engine_names_them(
+        database_url: str, db: asyncpg.Connection, stream_name: str) -> None:
+    """Nodes on LISTEN and on NATS (or on two NATS streams) sharing a database never hear
+    each other's changes: whichever starts later says so in one ERROR line."""
+    def engine_errors(server: Server) -> list[str]:
+        lines = server.log_path.read_text().splitlines()
+        return [line for line in lines if "another fan-out engine" in line]
+
+    listen = Server(database_url, {})
+    on_nats = Server(database_url, {"PAYSTREAM_BROKER": NATS_URL, "PAYSTREAM_BROKER_NAME": stream_name})
+    listen_later = Server(database_url, {})
+    other_stream = Server(database_url, {"PAYSTREAM_BROKER": NATS_URL, "PAYSTREAM_BROKER_NAME": stream_name + "x"})
+    # The session's LISTEN server may share this database.
+    before = await db.fetchval("SELECT count(*) FROM pg_stat_activity"
+                               " WHERE datname = current_database() AND application_name = 'paystream-listener'")
+    try:
+        await asyncio.to_thread(listen.start)
+        await asyncio.to_thread(on_nats.start)
+        [line] = engine_errors(on_nats)
+        assert f"LISTEN/NOTIFY (no PAYSTREAM_BROKER) ({before + 1} connection" in line
+        assert f"this node is on NATS stream '{stream_name}'." in line and f"stream '{stream_name}' (" not in line
+
+        await asyncio.to_thread(listen_later.start)
+        [line] = engine_errors(listen_later)
+        assert f"NATS stream '{stream_name}' (" in line and "LISTEN/NOTIFY (no PAYSTREAM_BROKER) (" not in line
+
+        await asyncio.to_thread(other_stream.start)
+        [line] = engine_errors(other_stream)
+        assert f"NATS stream '{stream_name}' (" in line and f"LISTEN/NOTIFY (no PAYSTREAM_BROKER) ({before + 2} connections)" in line
+        assert engine_errors(listen) == []  # the first node saw nothing to warn of
+    finally:
+        for server in (other_stream, listen_later, on_nats, listen):
+            server.stop()
+        nc = await nats.connect(NATS_URL, connect_timeout=2, allow_reconnect=False)
+        with contextlib.suppress(Exception):
+            await nc.jetstream().delete_stream(stream_name + "x")
+        await nc.close()
+
+
 class PausableProxy:
     """A TCP relay to NATS whose client-to-server direction can be held: what the node
     sends (its publishes) waits in the relay, so the node commits but cannot publish."""

@@ -22,7 +22,7 @@ import asyncpg
 from paystream.changes.store import CHANNEL, notified_event
 from paystream.db import DATABASE_ERRORS
 from paystream.ops import metrics
-from paystream.push.listener import Listener, OnChange, OnGap
+from paystream.push.listener import LISTEN_MARK, Listener, OnChange, OnGap
 
 log = logging.getLogger("paystream.listener")
 
@@ -108,7 +108,7 @@ class PgListener(Listener):
         await self._drop_connection()
         self._lost.clear()
         # The server side notices a vanished client too (keepalives); ours is the check below.
-        settings = {"application_name": "paystream-listener", **(_KEEPALIVES if self._keepalives else {})}
+        settings = {"application_name": LISTEN_MARK, **(_KEEPALIVES if self._keepalives else {})}
         try:
             conn = await asyncpg.connect(self._dsn, timeout=5, server_settings=settings)
         except asyncpg.PostgresError as exc:
@@ -119,7 +119,7 @@ class PgListener(Listener):
             log.warning("the listener's server refused keepalive settings (%s): a pooler? "
                         "connecting without them", exc)
             self._keepalives = False
-            settings = {"application_name": "paystream-listener"}
+            settings = {"application_name": LISTEN_MARK}
             conn = await asyncpg.connect(self._dsn, timeout=5, server_settings=settings)
         conn.add_termination_listener(lambda _conn: self._lost.set())
         await conn.add_listener(CHANNEL, self._on_notify)
