@@ -4,7 +4,7 @@ SSE is streamed, not buffered; WebSocket upgrades pass; long-poll works; a strea
 is SIGKILLed resumes through the balancer on another node with nothing missed or twice; and
 per-address stream limits count the client named in X-Forwarded-For only when the peer is
 in PAYSTREAM_TRUSTED_PROXIES.  nginx with docs/nginx.conf, in front of the same nodes, is
-checked for SSE, WebSocket and long-poll.  (The SDK's side, Node and Chromium clients across
+checked for SSE, WebSocket, long-poll and the SIGKILLed node.  (The SDK's side, Node and Chromium clients across
 node kills, is client-sdk/test/lb.test.mjs.)"""
 
 from __future__ import annotations
@@ -287,12 +287,28 @@ async def test_per_address_limits_count_the_forwarded_client_only_from_a_trusted
     await streams_released(cluster)
 
 
+@pytest.mark.parametrize("balancer", ["haproxy", "nginx"])
 async def test_a_killed_node_streams_resume_elsewhere_through_the_balancer(
-        ps: Paystream, cluster: Cluster) -> None:
+        balancer: str, cluster: Cluster, request: pytest.FixtureRequest) -> None:
     """Raw SSE clients (Last-Event-ID, as any client may): the node holding most of them is
     SIGKILLed mid-stream while webhooks keep coming; each reconnects through the balancer,
     lands on another node, and gets every event once: nothing missed, nothing twice on the
-    wire."""
+    wire.  Through HAProxy, and through nginx (no health check: a refused connection is
+    retried on the next node)."""
+    if balancer == "haproxy":
+        target = cluster
+        node_of: Callable[[httpx.Headers], str] = lambda headers: headers["x-paystream-node"]  # noqa: E731
+    else:
+        target = cluster.via(request.getfixturevalue("nginx").url)
+        by_address = {f"127.0.0.1:{node.port}": name for name, node in cluster.nodes.items()}
+        # nginx names the address it reached last ("a, b" when it retried a refused one).
+        node_of = lambda headers: by_address[headers["x-paystream-node"].split(",")[-1].strip()]  # noqa: E731
+    async with Paystream(target) as ps:  # type: ignore[arg-type]  # a Server's attributes
+        await kill_a_node_under_streams(balancer, ps, cluster, node_of)
+
+
+async def kill_a_node_under_streams(balancer: str, ps: Paystream, cluster: Cluster,
+                                    node_of: Callable[[httpx.Headers], str]) -> None:
     base = int(time.time()) - 60
     pis = [await created(ps, base) for _ in range(6)]
     seen: dict[str, list[int]] = {pi: [] for pi in pis}
@@ -313,7 +329,7 @@ async def test_a_killed_node_streams_resume_elsewhere_through_the_balancer(
             try:
                 async with ps.sse(pi, last_event_id=last) as s:
                     assert s.response.status_code == 200, (s.response.status_code, await s.response.aread())
-                    nodes_of[pi].append(s.response.headers["x-paystream-node"])
+                    nodes_of[pi].append(node_of(s.response.headers))
                     while (frame := await s.event(timeout=30)) is not None:
                         async with changed:
                             seen[pi].append(int(frame.id))
@@ -335,14 +351,15 @@ async def test_a_killed_node_streams_resume_elsewhere_through_the_balancer(
         moved = [pi for pi in pis if nodes_of[pi][-1] == victim]
         killed_at = time.perf_counter()
         assert await asyncio.to_thread(cluster.kill, victim) == -9
-        # Webhooks while the clients reconnect, before the health check has noticed: HAProxy
-        # retries a refused connection on another node.
+        # Webhooks while the clients reconnect, before HAProxy's health check has noticed
+        # (nginx has none): the balancer retries a refused connection on another node.
         for i, (event_type, _) in enumerate(STEPS[1:], start=2):
             for pi in pis:
                 await ps.deliver(ps.event(event_type, pi, created=base + i))
         await until(lambda: all(seen[pi] == [1, 2, 3, 4] for pi in pis), "every stream to catch up")
         caught_up = time.perf_counter() - killed_at
-        await asyncio.to_thread(cluster.lb.wait_status, victim, "DOWN")
+        if balancer == "haproxy":
+            await asyncio.to_thread(cluster.lb.wait_status, victim, "DOWN")
         down = time.perf_counter() - killed_at
         for pi in pis:
             await ps.deliver(ps.event("payment_intent.succeeded", pi, created=base + 9))
@@ -350,9 +367,10 @@ async def test_a_killed_node_streams_resume_elsewhere_through_the_balancer(
     finally:
         for t in readers:
             t.cancel()
-    print(f"\nkilled {victim} holding {len(moved)} of {len(pis)} streams: every stream had caught up "
-          f"{caught_up * 1000:.0f} ms later, HAProxy had it DOWN at {down * 1000:.0f} ms; the moved streams "
-          f"resumed on {sorted({nodes_of[pi][-1] for pi in moved})}")
+    print(f"\n{balancer}: killed {victim} holding {len(moved)} of {len(pis)} streams: every stream had caught up "
+          f"{caught_up * 1000:.0f} ms later" + (f", HAProxy had it DOWN at {down * 1000:.0f} ms" if balancer == "haproxy"
+                                                 else "") +
+          f"; the moved streams resumed on {sorted({nodes_of[pi][-1] for pi in moved})}")
     assert moved, f"the killed node held a stream: {holders}"
     for pi in pis:
         assert seen[pi] == [1, 2, 3, 4, 5], (pi, seen[pi])
