@@ -101,6 +101,24 @@ def scale_out(s6: dict, s1: dict | None) -> list[str]:
     return out
 
 
+def reads_per_push(s5: dict) -> list[str]:
+    """S5: reads of the event log per push, pointer-only notifications against ones carrying the event."""
+    out = ["## S5 database reads per push", "",
+           f"One transaction watched from {s5['nodes']} nodes × {s5['subscribers_per_node']} SSE subscribers, "
+           f"{s5['events']} events; reads of the event log per push, counted by the nodes "
+           "(`paystream_log_reads_total`) and by Postgres (scans of `transaction_events`), with notifications "
+           "carrying only a pointer (`PAYSTREAM_NOTIFY_EVENTS=0`, as before) and carrying the event (the default), "
+           "in the same run.", "",
+           row("notifications", "log reads per push (nodes)", "log scans per push (Postgres)", "deliveries",
+               "every subscriber got every event"),
+           row(*["---"] * 5)]
+    for key, label in (("pointer_notifications", "a pointer"), ("event_in_notification", "the event")):
+        d = s5[key]
+        out.append(row(label, d["log_reads_per_push_by_nodes"], d["log_scans_per_push_by_postgres"],
+                       d["deliveries"], d["every_subscriber_got_every_event"]))
+    return [*out, ""]
+
+
 def engines(s7: dict) -> list[str]:
     """S7: Postgres LISTEN/NOTIFY against NATS JetStream, measured in one run."""
     out = ["## S7 fan-out engines: LISTEN/NOTIFY and NATS JetStream", "",
@@ -159,6 +177,8 @@ def main() -> int:
                              f"{s1.get('db_xacts_per_s_before_subscribers')} / {s1.get('db_xacts_per_s_while_waiting')}",
                              gcs(s1), f"{s1['lost']}/{s1['wrong_or_duplicated']}"))
         lines.append("")
+    if s5 := load("s5_reads_per_push"):
+        lines += reads_per_push(s5)
     if s6 := load("s6_scale_out"):
         lines += scale_out(s6, next((d for d in s1s if d["transport"] == "sse"), None))
     if s7 := load("s7_engines"):
