@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Awaitable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -65,33 +66,33 @@ def _origin(scope: Scope) -> str | None:
 
 
 class OriginPolicy:
-    """ASGI middleware applying AllowedOrigins to HTTP (CORS) and WebSocket handshakes."""
+    """ASGI middleware applying AllowedOrigins to HTTP (CORS) and WebSocket handshakes.
+
+    __call__ is a plain function: where it only passes the request on (no Origin, a
+    WebSocket from an allowed origin) it returns the next app's awaitable, so no frame of
+    its own stays alive for the life of the stream or socket (~0.3 KB each, tracemalloc)."""
 
     def __init__(self, app: ASGIApp, allowed: AllowedOrigins) -> None:
         self.app, self.allowed = app, allowed
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         if scope["type"] not in ("http", "websocket"):
-            await self.app(scope, receive, send)
-            return
+            return self.app(scope, receive, send)
         origin = _origin(scope)
         if origin is None:
-            await self.app(scope, receive, send)
-            return
+            return self.app(scope, receive, send)
         allowed = origin in self.allowed
         if scope["type"] == "websocket":
             if not allowed:
-                await send({"type": "websocket.close", "code": 1008, "reason": "origin not allowed"})
-                return
-            await self.app(scope, receive, send)
-            return
-        headers = dict(scope["headers"])
-        if scope["method"] == "OPTIONS" and b"access-control-request-method" in headers:
-            await self._preflight(send, origin, allowed)
-            return
+                return send({"type": "websocket.close", "code": 1008, "reason": "origin not allowed"})
+            return self.app(scope, receive, send)
+        if scope["method"] == "OPTIONS" and any(name == b"access-control-request-method" for name, _ in scope["headers"]):
+            return self._preflight(send, origin, allowed)
         if not allowed:
-            await self.app(scope, receive, send)
-            return
+            return self.app(scope, receive, send)
+        return self._with_cors(scope, receive, send, origin)
+
+    async def _with_cors(self, scope: Scope, receive: Receive, send: Send, origin: str) -> None:
         cors = [(b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"Origin"),
                 (b"access-control-expose-headers", _EXPOSE)]
 
