@@ -487,9 +487,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "Postgres when DATABASE_URL is a transaction pooler, with "
                        "PAYSTREAM_DB_POOLER=transaction); PAYSTREAM_BROKER=nats://host:port (NATS "
                        "JetStream instead of LISTEN/NOTIFY between nodes; stream "
-                       "PAYSTREAM_BROKER_NAME, default paystream). behind a load balancer: "
+                       "PAYSTREAM_BROKER_NAME, default paystream); PAYSTREAM_NOTIFY_EVENTS (default "
+                       "1: a change's notification carries the event when under 7,500 bytes, so "
+                       "nodes push without reading the log; 0: ids only). behind a load balancer: "
                        "PAYSTREAM_TRUSTED_PROXIES (its IPs or CIDR networks, comma-separated: their "
-                       "X-Forwarded-For names the client for per-address limits; default none).")
+                       "X-Forwarded-For or Forwarded header names the client for per-address "
+                       "limits; default none).")
     p.add_argument("--host", default=None, help="default: $HOST or 127.0.0.1")
     p.add_argument("--port", type=int, default=None, help="default: $PORT or 8000")
     p.add_argument("--workers", type=int, default=1,
