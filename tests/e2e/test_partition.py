@@ -50,6 +50,7 @@ pytestmark = pytest.mark.e2e
 
 CUT_SECONDS = 10.0
 NOTICE_WITHIN = 5.0  # /readyz must answer 503 this soon after the cut
+READY_AGAIN_WITHIN = 20.0  # and 200 again this soon after the browsers are served once it mends
 # What a webhook sender waits for an answer (tests.support.Paystream's client timeout).  A
 # webhook the node cannot commit must be refused (5xx) before it, never left hanging.
 REQUEST_TIMEOUT = 15.0
@@ -340,13 +341,16 @@ class Browser:
 
 class Watch:
     """What an operator's probes see, sampled from just before the cut to the end:
-    /readyz (one request at a time, as a probe) and paystream_listener_up in /metrics."""
+    /readyz (one request at a time, as a probe) and paystream_listener_up in /metrics.
+    `ready_again` is set by the first 200 from /readyz after `mended_at`."""
 
     def __init__(self, ps: Paystream) -> None:
         self.ps = ps
         self.readyz: list[tuple[float, int | None]] = []  # (answered at, status)
         self.listener: list[tuple[float, bool]] = []  # (answered at, up)
         self.stop = asyncio.Event()
+        self.mended_at: float | None = None
+        self.ready_again = asyncio.Event()
 
     async def run(self) -> None:
         await asyncio.gather(self._readyz(), self._listener())
@@ -356,7 +360,10 @@ class Watch:
             status = None
             with contextlib.suppress(httpx.TransportError):
                 status = (await self.ps.http.get("/readyz", timeout=REQUEST_TIMEOUT)).status_code
-            self.readyz.append((time.monotonic(), status))
+            at = time.monotonic()
+            self.readyz.append((at, status))
+            if status == 200 and self.mended_at is not None and at > self.mended_at:
+                self.ready_again.set()
             await asyncio.sleep(0.1)
 
     async def _listener(self) -> None:
@@ -400,9 +407,14 @@ async def test_node_cut_off_from_postgres(node: NodeInNamespace, network: Partit
             cut_at = time.monotonic()
             await asyncio.sleep(CUT_SECONDS)
             await asyncio.to_thread(network.mend)
-            mended_at = time.monotonic()
+            watch.mended_at = mended_at = time.monotonic()
             await asyncio.wait_for(asyncio.gather(*senders), 45)
             await asyncio.wait_for(asyncio.gather(*watching), 30)
+            # The browsers can finish before /readyz says 200 again: the listener catches
+            # them up as soon as it reconnects, and only then checks that it hears its own
+            # NOTIFY.  Probe on until it does (or READY_AGAIN_WITHIN passes: the assert below).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(watch.ready_again.wait(), READY_AGAIN_WITHIN)
             watch.stop.set()
             await asyncio.wait_for(probes, REQUEST_TIMEOUT + 5)
         finally:
