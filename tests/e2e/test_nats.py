@@ -134,8 +134,12 @@ async def test_nodes_hear_each_other_through_nats_not_listen(
         # Node B pushed from the messages themselves (no log read), node A published them.
         assert await metric(pb, "paystream_notifications_pushed_total") - pushed_before == 10
         # Published by A after its commits, or by B's once-a-second claim if it came first.
-        assert (await metric(pa, "paystream_broker_published_total")
-                + await metric(pb, "paystream_broker_published_total")) >= 15
+        # The counter moves after the claim's commit, which can follow B's push: wait for it.
+        async def all_published() -> bool:
+            return (await metric(pa, "paystream_broker_published_total")
+                    + await metric(pb, "paystream_broker_published_total")) >= 15
+
+        await wait_until(all_published, what="15 publishes counted")
         await wait_until(lambda: outbox_empty(db), what="the outbox to empty")
         assert await stored_messages(NATS_URL, stream_name) == 15  # each event once
         assert (await pb.http.get("/readyz")).json()["checks"]["listener"] is True

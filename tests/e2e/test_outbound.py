@@ -383,8 +383,8 @@ async def test_a_backend_that_always_refuses_gets_the_whole_schedule_then_failed
 
             # A delivered one can be sent again too: same webhook-id.
             await paystream_cli(database_url, "--replay", webhook_id(txn, 2))
-            async def sent_again() -> bool:
-                return len(backend.requests) > before + 2
+            async def sent_again() -> bool:  # arrived and answered (the backend works a while first)
+                return len(backend.requests) > before + 2 and backend.requests[-1].answer is not None
 
             await wait_until(sent_again, what="a second replay")
             assert backend.requests[-1].webhook_id == webhook_id(txn, 2) and backend.requests[-1].accepted

@@ -31,8 +31,9 @@ async def recv(ws: websockets.ClientConnection, timeout: float = 10) -> dict:
     return json.loads(await asyncio.wait_for(ws.recv(), timeout))
 
 
-def short_token(ps: Paystream, *ids: str, seconds: float = 2) -> tuple[str, float]:
-    """A token expiring `seconds` from now, give or take the whole second `exp` is in."""
+def short_token(ps: Paystream, *ids: str, seconds: float = 3) -> tuple[str, float]:
+    """A token expiring `seconds` from now, give or take the whole second `exp` is in
+    (so 2-3 s by default: room for a handshake and a few messages on a busy machine)."""
     token = ps.token(*ids, ttl=int(seconds))
     return token, float(jwt.decode(token, options={"verify_signature": False})["exp"])
 

@@ -153,6 +153,7 @@ async def test_a_flood_of_subscribes_is_cut_off_with_4029(ops: Paystream) -> Non
     40, then 20 a second: a flood is closed with 4029 after about 40 answers."""
     mine = await new_txn(ops, customer="cus_flood")
     async with websockets.connect(ws_url(ops, ops.token(cus="cus_flood"))) as ws:
+        began = time.monotonic()
         for i in range(500):
             try:
                 await ws.send(json.dumps({"op": "subscribe", "id": f"pi_flood{i}"}))
@@ -166,7 +167,10 @@ async def test_a_flood_of_subscribes_is_cut_off_with_4029(ops: Paystream) -> Non
                     answers += 1
         except websockets.ConnectionClosed as exc:
             assert exc.rcvd is not None and exc.rcvd.code == 4029, exc
-    assert 30 <= answers <= 60, answers
+        took = time.monotonic() - began
+    # The burst, plus what the rate refilled while the server worked through them (about
+    # a second here; longer on a busy machine), and no more.
+    assert 30 <= answers <= 40 + 20 * took + 5, (answers, took)
     # Within the rate, a socket works as ever.
     async with websockets.connect(ws_url(ops, ops.token(cus="cus_flood"))) as ws:
         for _ in range(3):
