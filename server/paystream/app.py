@@ -60,7 +60,8 @@ def create_app(settings: Settings | None = None, extra_routes: list[BaseRoute] |
         # The engine's mark: a NATS node's pool carries it, a LISTEN node's listener does.
         engine_mark = nats_mark(settings.broker_name) if settings.broker else LISTEN_MARK
         pool = await db.create_pool(dsn, settings.db_pool_size,
-                                    transaction_pooled=settings.db_pooler == "transaction",
+                                    # unset: create_pool finds out (a pooler nobody declared)
+                                    transaction_pooled=settings.db_pooler == "transaction" or None,
                                     on_release=(lambda: nats_listener and nats_listener[0].on_release())
                                     if settings.broker else None,
                                     application_name=engine_mark if settings.broker else "paystream")

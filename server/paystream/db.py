@@ -207,6 +207,43 @@ def transaction_pooler() -> bool:
     return os.environ.get("PAYSTREAM_DB_POOLER", "").strip().lower() == "transaction"
 
 
+_detected: dict[str, bool] = {}  # dsn -> behind a transaction-mode pooler, found once per process
+
+
+async def detect_transaction_pooler(dsn: str) -> bool:
+    """Whether `dsn` reaches Postgres through a transaction-mode pooler (PgBouncer,
+    pgcat, Supavisor …), found by watching backend pids.
+
+    Straight to Postgres, a connection is one backend for its whole life, and two open
+    connections are two backends: their pids never change and never coincide.  Through a
+    transaction-mode pooler each transaction borrows whichever server session is free, so
+    two client connections used one after the other share one (a LIFO pool, PgBouncer's
+    default) or a connection's pid moves (a round-robin one).  So a match or a move proves
+    a pooler, and no direct connection can show either; three rounds, each transaction
+    alone (a probe that held one open while waiting on another could deadlock a pooler
+    with a single server session)."""
+    if dsn in _detected:
+        return _detected[dsn]
+    first = await asyncpg.connect(dsn, timeout=10, statement_cache_size=0)
+    try:
+        second = await asyncpg.connect(dsn, timeout=10, statement_cache_size=0)
+        try:
+            pooled = False
+            for _ in range(3):
+                a1 = await first.fetchval("SELECT pg_backend_pid()")
+                b = await second.fetchval("SELECT pg_backend_pid()")
+                a2 = await first.fetchval("SELECT pg_backend_pid()")
+                if a1 == b or a1 != a2 or a2 == b:
+                    pooled = True
+                    break
+        finally:
+            await second.close()
+    finally:
+        await first.close()
+    _detected[dsn] = pooled
+    return pooled
+
+
 def direct_url(dsn: str) -> str:
     """The URL for work that needs a session of its own (LISTEN, the migration lock):
     PAYSTREAM_LISTEN_URL when set, else `dsn`."""
@@ -230,6 +267,15 @@ async def create_pool(dsn: str, size: int, *, transaction_pooled: bool | None = 
     # transaction-scoped, the listener and the migration lock connect to PAYSTREAM_LISTEN_URL).
     if transaction_pooled is None:
         transaction_pooled = transaction_pooler()
+        # An operator who missed the setting must not get a 500 for every statement that
+        # lands on a session other than the one that prepared it: find the pooler instead.
+        # PAYSTREAM_DB_POOLER=session or none (written) skips the probe.
+        if not transaction_pooled and not any(k.upper() == "PAYSTREAM_DB_POOLER" for k in os.environ):
+            transaction_pooled = await detect_transaction_pooler(dsn)
+            if transaction_pooled:
+                log.warning("DATABASE_URL is a transaction-mode pooler (one connection's transactions ran "
+                            "on different Postgres sessions): prepared-statement cache off; set "
+                            "PAYSTREAM_DB_POOLER=transaction to say so and skip this check")
     reset = _keep_session
     if on_release is not None:
         # Called as each connection comes back, after its commit or rollback, in (a copy

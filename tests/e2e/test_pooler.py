@@ -185,3 +185,27 @@ async def test_listen_through_a_transaction_pooler_is_reported_not_silent(
 
 async def _logged(srv: Server, text: str) -> bool:
     return text in srv.log_path.read_text()
+
+
+async def test_a_transaction_pooler_nobody_declared_is_detected(pgbouncer: PgBouncer, database_url: str,
+                                                                local_stripe: LocalStripe) -> None:
+    """The operator missed PAYSTREAM_DB_POOLER=transaction: paystream finds the pooler at
+    start, says so, and runs without prepared statements instead of answering 500s."""
+    env = _env(pgbouncer, database_url, local_stripe, PAYSTREAM_LISTEN_URL=database_url)
+    del env["PAYSTREAM_DB_POOLER"]
+    srv = Server(database_url, env)
+    srv.start()
+    try:
+        async with Paystream(srv) as ps:
+            now = int(time.time())
+            pis = [trigger.stripe_id("pi_") for _ in range(60)]
+            for i, kind in enumerate(("payment_intent.processing", "payment_intent.succeeded")):
+                answers = await asyncio.gather(*(ps.send(ps.event(kind, p, created=now + i)) for p in pis))
+                assert [a.status_code for a in answers] == [200] * len(pis), [a.text for a in answers][:3]
+            states = [(await ps.get(p)).json() for p in pis]
+            assert {(s["status"], s["seq"]) for s in states} == {("succeeded", 2)}
+    finally:
+        srv.stop()
+    log = srv.log_path.read_text()
+    assert "prepared statement" not in log, srv.log_tail()
+    assert "transaction-mode pooler" in log and "PAYSTREAM_DB_POOLER=transaction" in log, srv.log_tail()
