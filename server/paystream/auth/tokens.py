@@ -6,6 +6,7 @@ browser gets a token without another round trip to us.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -61,6 +62,8 @@ def mint(secret: str, *, txn: list[str] | None = None, cus: str | None = None,
     return jwt.encode(claims, secret, algorithm="HS256"), exp
 
 
+_TIME_CLAIMS = ("exp", "nbf", "iat")
+
 # Clocks of the merchant's backend and ours may differ a little.
 CLOCK_LEEWAY = 60
 
@@ -76,6 +79,14 @@ def verify(secret: str, token: str, max_ttl: float | None = None) -> Grant:
         raise TokenError("the stream token has no exp claim") from None
     except jwt.InvalidTokenError:
         raise TokenError("the stream token is not valid") from None
+    # PyJWT reads a time claim with int(), so "9999999999" (a string) passes its checks and
+    # then breaks every comparison made with it here and in the streams.  RFC 7519's
+    # NumericDate is a JSON number: anything else is a malformed token, 401.
+    for name in _TIME_CLAIMS:
+        value = claims.get(name)
+        if name in claims and (isinstance(value, bool) or not isinstance(value, int | float)
+                               or not math.isfinite(value)):
+            raise TokenError(f"the token's {name} claim must be a number (seconds since the epoch)")
     if max_ttl is not None and claims["exp"] > time.time() + max_ttl + CLOCK_LEEWAY:
         raise TokenError(f"the stream token lives longer than {max_ttl:g} s (PAYSTREAM_MAX_TOKEN_TTL)")
     txn = claims.get("txn", [])
