@@ -38,6 +38,16 @@ class Grant:
         """At or past `exp` (RFC 7519: the token is good before its expiry time)."""
         return self.exp is not None and (time.time() if now is None else now) >= self.exp
 
+    def may_name(self, any_id: str) -> bool:
+        """Whether the transaction `any_id` names could be covered, decided before reading
+        it.  A transaction has one `txn_` id and one Stripe id and a token may list either,
+        so an unlisted id is worth reading only when the token lists an id of the other
+        kind; the read then decides (allows), with 403 for what is not covered."""
+        if self.backend or self.cus is not None or any_id in self.txn:
+            return True
+        ours = any_id.startswith("txn_")
+        return any(listed.startswith("txn_") != ours for listed in self.txn)
+
     def allows(self, txn_id: str, stripe_id: str | None, customer_id: str | None) -> bool:
         if self.backend:
             return True

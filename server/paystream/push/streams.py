@@ -23,8 +23,8 @@ from paystream.push.subscription import Subscription
 
 
 def precheck(grant: Grant, any_id: str) -> None:
-    """Refuse, before any query, an id a transaction-list token does not name."""
-    if not grant.backend and grant.cus is None and any_id not in grant.txn:
+    """Refuse, before any query, an id a transaction-list token cannot cover (Grant.may_name)."""
+    if not grant.may_name(any_id):
         raise ApiError(403, "forbidden", "the token does not cover this transaction")
 
 
