@@ -4,8 +4,10 @@ per run on each; and a real `paystream serve` subprocess for whole-system tests.
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -53,6 +55,21 @@ def server(database_url: str, local_stripe: LocalStripe) -> Iterator[Server]:
     local_stripe.register_webhook(f"{srv.base_url}/v1/stripe/webhook", srv.webhook_secret)
     yield srv
     srv.stop()
+
+
+@pytest.fixture
+async def own_database(database_url: str) -> AsyncIterator[str]:
+    """An empty database of the test's own on the same Postgres, for a test that records
+    what the whole database expects (`paystream migrate`) and must not impose it on the
+    other tests' shared one."""
+    name = f"paystream_own_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(database_url)
+    try:
+        await admin.execute(f"CREATE DATABASE {name}")
+        yield urlunsplit(urlsplit(database_url)._replace(path=f"/{name}"))
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    finally:
+        await admin.close()
 
 
 @pytest.fixture

@@ -70,6 +70,9 @@ def create_app(settings: Settings | None = None, extra_routes: list[BaseRoute] |
         await health.check_schema(app)  # not ready (one log line) while migrations are missing
         if not app.state.schema_missing:
             async with pool.acquire(timeout=db.ACQUIRE_TIMEOUT) as conn:
+                # What this database expects every process to run (`paystream migrate`
+                # recorded it); `paystream serve` has refused to start on a mismatch.
+                active = effects.install(await effects.for_database(conn, settings.effects, settings.outbound_url))
                 await active.check(conn)
         log.info("effects: %s", ", ".join(active.names) or "none")
         # LISTEN needs a session of its own: PAYSTREAM_LISTEN_URL when DATABASE_URL is a
@@ -111,11 +114,13 @@ def create_app(settings: Settings | None = None, extra_routes: list[BaseRoute] |
         gc_tuning = GcTuning()
         gc_tuning.start()
         log.info("browser origins allowed: %s", AllowedOrigins(settings.allowed_origins).describe())
-        log.info("paystream ready on %s", db.redact(dsn) if settings.broker or listen_dsn == dsn
-                 else f"{db.redact(dsn)} (listening on {db.redact(listen_dsn)})")
+        ready = asyncio.create_task(health.announce_ready(
+            app, db.redact(dsn) if settings.broker or listen_dsn == dsn
+            else f"{db.redact(dsn)} (listening on {db.redact(listen_dsn)})"), name="paystream-ready")
         try:
             yield
         finally:
+            ready.cancel()
             drain.cancel()
             if metrics_port is not None:
                 metrics_port.close()

@@ -9,7 +9,7 @@ import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -148,9 +148,12 @@ async def _version_table(conn: asyncpg.Connection) -> None:
            END $$;""")
 
 
-async def migrate(dsn: str, extra: Mapping[str, Path] | None = None) -> list[str]:
+async def migrate(dsn: str, extra: Mapping[str, Path] | None = None,
+                  record_effects: Any = None) -> list[str]:
     """Apply every migration (paystream's, then each extra component's) not yet recorded
-    in paystream_schema_version; return their labels."""
+    in paystream_schema_version; return their labels.  With record_effects (an
+    effects.Configuration: `paystream migrate`), record it as what every process that
+    applies events must run."""
     wanted = all_migrations(extra)
     # A session lock: through a transaction-mode pooler its unlock could reach another
     # session and leave the lock held forever, so this connection goes direct when it can.
@@ -171,6 +174,10 @@ async def migrate(dsn: str, extra: Mapping[str, Path] | None = None) -> list[str
                     m.component, m.version, m.name)
             log.info("applied migration %s", m.label)
             applied.append(m.label)
+        if record_effects is not None:
+            from paystream import effects
+
+            await effects.record(conn, record_effects)
         return applied
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)

@@ -158,6 +158,104 @@ class Effects:
         return extra
 
 
+# --- what the database expects ---------------------------------------------------------
+#
+# Effects are a property of the database, not of whichever process applies an event: a
+# backfill run without PAYSTREAM_OUTBOUND_URL once applied events whose signed webhooks
+# were never queued.  `paystream migrate` records the configuration (table
+# paystream_config, key "effects"); every process that applies events resolves its own
+# against it (resolve()).
+
+CONFIG_KEY = "effects"
+
+
+@dataclass(frozen=True, slots=True)
+class Configuration:
+    """The merchant effects (PAYSTREAM_EFFECTS, normalised) and whether the built-in
+    outbound effect queues signed webhooks (PAYSTREAM_OUTBOUND_URL set)."""
+
+    specs: tuple[str, ...]
+    outbound: bool
+
+    @classmethod
+    def of(cls, effects_setting: str | None, outbound_url: str | None) -> Configuration:
+        return cls(tuple(s.strip() for s in (effects_setting or "").split(",") if s.strip()),
+                   bool(outbound_url))
+
+    @property
+    def setting(self) -> str:
+        return ",".join(self.specs)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"effects": list(self.specs), "outbound": self.outbound}
+
+
+async def recorded(conn: asyncpg.Connection | asyncpg.Pool) -> Configuration | None:
+    """The configuration `paystream migrate` recorded; None if none was (or the schema
+    predates the record)."""
+    if not await conn.fetchval("SELECT to_regclass('paystream_config') IS NOT NULL"):
+        return None
+    value = await conn.fetchval("SELECT value::text FROM paystream_config WHERE key = $1", CONFIG_KEY)
+    if value is None:
+        return None
+    import json
+
+    data = json.loads(value)
+    return Configuration(tuple(data.get("effects") or ()), bool(data.get("outbound")))
+
+
+async def record(conn: asyncpg.Connection, configuration: Configuration) -> None:
+    import json
+
+    await conn.execute(
+        """INSERT INTO paystream_config (key, value) VALUES ($1, $2::text::jsonb)
+           ON CONFLICT (key) DO UPDATE SET value = excluded.value, recorded_at = clock_timestamp()""",
+        CONFIG_KEY, json.dumps(configuration.as_json()))
+
+
+class ConfigurationMismatch(EffectLoadError):
+    """This process's settings ask for other effects than the database expects."""
+
+
+def resolve(own: Configuration, expected: Configuration | None, *, effects_set: bool) -> Configuration:
+    """The configuration a process that applies events runs.
+
+    With nothing recorded, its own.  Otherwise the recorded one: PAYSTREAM_EFFECTS, when
+    set (`effects_set`), must name exactly the recorded effects, and a process whose
+    PAYSTREAM_OUTBOUND_URL is set may not queue webhooks on a database that does not
+    expect them (either is a ConfigurationMismatch naming the setting).  A process
+    without PAYSTREAM_OUTBOUND_URL on a database that expects webhooks still queues
+    them: nodes that have the URL deliver them."""
+    if expected is None:
+        return own
+    fix = "set it to match, or run `paystream migrate` with the new value to change what the database expects"
+    if effects_set and own.specs != expected.specs:
+        raise ConfigurationMismatch(
+            f"PAYSTREAM_EFFECTS is {own.setting!r} but this database expects {expected.setting!r}: {fix}")
+    if own.outbound and not expected.outbound:
+        raise ConfigurationMismatch(
+            "PAYSTREAM_OUTBOUND_URL is set but this database does not queue signed webhooks "
+            "(recorded by `paystream migrate` without it): run `paystream migrate` with it set to turn them on")
+    return expected
+
+
+async def for_database(conn: asyncpg.Connection | asyncpg.Pool, effects_setting: str | None,
+                       outbound_url: str | None) -> Effects:
+    """The effects a process with these settings runs on this database (see resolve)."""
+    own = Configuration.of(effects_setting, outbound_url)
+    return build(resolve(own, await recorded(conn), effects_set=effects_setting is not None))
+
+
+def build(configuration: Configuration) -> Effects:
+    """The Effects for a configuration: the registered ones, then its merchant effects,
+    with the outbound effect queueing as it says."""
+    active = Effects(load(configuration.setting))
+    for effect in active.effects:
+        if effect.name == "outbound" and hasattr(effect, "enabled"):
+            effect.enabled = configuration.outbound  # type: ignore[attr-defined]
+    return active
+
+
 _active: Effects | None = None
 
 
