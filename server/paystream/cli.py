@@ -82,24 +82,32 @@ def _effects_or_exit(command: str, url: str | None = None) -> Effects:
     from paystream import effects
     from paystream.config import Settings
 
+    settings = Settings()
     try:
-        active = effects.Effects(effects.load(Settings().effects))
+        active = effects.Effects(effects.load(settings.effects))
         if url:
-            asyncio.run(_check_sql_effects(active, url))
+            active = asyncio.run(_effects_for_database(active, url, settings.effects, settings.outbound_url))
     except effects.EffectLoadError as exc:
         print(f"paystream {command}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    return active
+    return effects.install(active)
 
 
-async def _check_sql_effects(active: Effects, url: str) -> None:
+async def _effects_for_database(active: Effects, url: str, effects_setting: str | None,
+                                outbound_url: str | None) -> Effects:
+    """The effects this database expects of a process with these settings (recorded by
+    `paystream migrate`; see effects.resolve), their SQL functions checked to exist."""
     import asyncpg
+
+    from paystream import effects
 
     conn = await asyncpg.connect(url, timeout=10)
     try:
+        active = await effects.for_database(conn, effects_setting, outbound_url)
         await active.check(conn)
     finally:
         await conn.close()
+    return active
 
 
 def _examples_root() -> Path | None:
@@ -261,6 +269,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     from paystream.payments.stripe_api import StripeApi
 
     settings, url = _stripe_command("reconcile")
+    _effects_or_exit("reconcile", url)  # it applies what it reads from Stripe
 
     async def once() -> Report:
         pool = await db.create_pool(url, 2)
@@ -291,6 +300,8 @@ def cmd_events(args: argparse.Namespace) -> int:
         "mismatched": "outcome = 'mismatched'",
         "all": "true",
     }[args.which]
+    if args.reprocess:
+        _effects_or_exit("events", url)
 
     async def run() -> int:
         pool = await db.create_pool(url, 2)
@@ -384,7 +395,8 @@ def cmd_backfill(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from paystream import db
+    from paystream import db, effects
+    from paystream.config import Settings
 
     extra = {}
     for spec in args.dir:
@@ -393,13 +405,18 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         extra[name or (path.resolve().parent.name if path.name == "migrations" else path.name)] = path
     active = _effects_or_exit("migrate")
     url = _database_url(announce=True)
+    settings = Settings()
+    expected = effects.Configuration.of(settings.effects, settings.outbound_url)
     try:
-        applied = asyncio.run(db.migrate(url, {**active.migrations(), **extra}))
+        applied = asyncio.run(db.migrate(url, {**active.migrations(), **extra}, record_effects=expected))
     except RuntimeError as exc:
         print(f"paystream migrate: {exc}", file=sys.stderr)
         return 2
     print(f"paystream migrate: applied {', '.join(applied)}" if applied else
           "paystream migrate: schema is up to date")
+    print(f"paystream migrate: every process applies effects {', '.join(active.names) or 'none'}; "
+          f"signed webhooks to the merchant's backend {'on' if expected.outbound else 'off'} "
+          "(from PAYSTREAM_EFFECTS and PAYSTREAM_OUTBOUND_URL)")
     return 0
 
 
@@ -505,7 +522,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "(DATABASE_URL, or the embedded Postgres): paystream's own (db/migrations, "
                        "carried inside the package), then those of each effect that brings a "
                        "`migrations` folder (PAYSTREAM_EFFECTS), then each --dir. `paystream serve` "
-                       "does not migrate: it answers /readyz 503, naming what is missing, until this ran.")
+                       "does not migrate: it answers /readyz 503, naming what is missing, until this ran. "
+                       "It also records PAYSTREAM_EFFECTS and whether PAYSTREAM_OUTBOUND_URL is set as "
+                       "the effects every process on this database runs: a serve set to others refuses "
+                       "to start; backfill, events --reprocess and reconcile run them from any environment.")
     p.add_argument("--dir", action="append", default=[], metavar="[NAME=]DIR",
                    help="also apply the numbered *.sql files in DIR, recorded as component NAME "
                         "(default: the folder's name, or its parent's if it is called migrations)")
