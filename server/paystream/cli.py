@@ -177,6 +177,28 @@ def _run_uvicorn(host: str, port: int, workers: int, access_log: bool,
     )
 
 
+def _port_or_exit(command: str, host: str, port: int) -> None:
+    """Exit 1 with one line unless host:port can be listened on.
+
+    uvicorn binds only after the app's start-up, so a taken port showed up as a full
+    start (an embedded Postgres, localstripe, migrations) and then errno 98.  Checked
+    first, the way uvicorn will bind (SO_REUSEADDR), nothing starts for nothing."""
+    import errno
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as exc:
+        why = ("address already in use (another process listens there; choose another with --port)"
+               if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc))
+        print(f"paystream {command}: cannot listen on {host}:{port}: {why}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from paystream.config import Settings
 
@@ -190,14 +212,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if problem:
         print(f"paystream serve: refusing to start: {problem}", file=sys.stderr)
         return 2
+    host, port = args.host or os.environ.get("HOST", "127.0.0.1"), args.port or int(os.environ.get("PORT", "8000"))
+    _port_or_exit("serve", host, port)
     url = _database_url(announce=True)
     _effects_or_exit("serve", url)
-    _run_uvicorn(args.host or os.environ.get("HOST", "127.0.0.1"),
-                 args.port or int(os.environ.get("PORT", "8000")), args.workers, args.access_log)
+    _run_uvicorn(host, port, args.workers, args.access_log)
     return 0
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
+    _port_or_exit("dev", args.host, args.port)
     for name, value in _dev_secrets().items():
         os.environ.setdefault(name, value)
     # One node: nowhere else for clients to go, so a restart should not wait out a drain.

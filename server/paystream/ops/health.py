@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 
@@ -37,13 +38,41 @@ async def _database_checks(app: Starlette, schema_ok: bool) -> tuple[bool, bool]
     return database_ok, schema_ok
 
 
-async def readyz(request: Request) -> JSONResponse:
-    app = request.app
+async def readiness(app: Starlette) -> dict[str, bool]:
+    """The checks /readyz answers with: all true means ready."""
     checks = {"database": False, "listener": app.state.hub.ready, "schema": not app.state.schema_missing}
     with contextlib.suppress(Exception):
         # db.within, not asyncio.timeout: a partitioned database must get its 503 in 2 s,
         # not once asyncpg has finished unwinding the cancelled query.
         checks["database"], checks["schema"] = await db.within(2, _database_checks(app, checks["schema"]))
+    return checks
+
+
+async def readyz(request: Request) -> JSONResponse:
+    checks = await readiness(request.app)
     ok = all(checks.values())
     return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks},
                         status_code=200 if ok else 503)
+
+
+_WHY = {"database": "the database does not answer",
+        "listener": "the change listener has not heard its own NOTIFY (see the listener's lines)",
+        "schema": "migrations are missing (run `paystream migrate`)"}
+
+
+async def announce_ready(app: Starlette, where: str, interval: float = 1.0) -> None:
+    """Log "paystream ready on …" once /readyz would answer 200 (never before: an operator
+    or a script waiting for that line must be able to trust it), and until then, each time
+    the reasons change, why not."""
+    said: list[str] = []
+    while True:
+        checks = await readiness(app)
+        failing = [name for name, ok in checks.items() if not ok]
+        if not failing:
+            log.info("paystream ready on %s", where)
+            return
+        if failing != said:
+            log.warning("paystream is not ready: %s; /readyz answers 503 until then",
+                        "; ".join(_WHY[name] for name in failing))
+            said = failing
+        await asyncio.sleep(interval)
