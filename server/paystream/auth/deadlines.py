@@ -15,6 +15,11 @@ complete.  BoundedHttpProtocol is uvicorn's httptools protocol plus:
 - a bound on the bytes of an unfinished request head: 64 KiB, or more if
   PAYSTREAM_MAX_HEADER_BYTES is larger (the app's own 431 check is on the parsed headers,
   which httptools only hands over complete): beyond it, `431 headers_too_large` and close.
+  Only a head still open after a read is counted, never the bodies or whole requests
+  before it in that read (issue 22: a request over 64 KiB arriving in one read was
+  processed and then answered 431).  httptools does not say where in a read a head
+  began, so reads are parsed in slices of HEAD_SLICE bytes: a head that began inside a
+  slice is counted as that whole slice, an overcount of less than HEAD_SLICE.
 
 `paystream serve` (cli._run_uvicorn) runs uvicorn with `http=` this class.  It reads its
 settings from the environment once per process, so each `--workers` process has them.
@@ -27,11 +32,18 @@ import functools
 import json
 from typing import Any
 
+import httptools
 from starlette.requests import Request
 from starlette.responses import Response
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from paystream.errors import error_body
+
+
+# Reads are parsed this many bytes at a time (see the module docstring).  Small enough that
+# the overcount leaves a head the app accepts (PAYSTREAM_MAX_HEADER_BYTES, 16 KiB) far
+# below the bound, large enough that a 1 MiB body is a few dozen parser calls.
+HEAD_SLICE = 8192
 
 
 @functools.cache
@@ -53,8 +65,9 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self.deadline: asyncio.TimerHandle | None = None
         self.heard = False  # bytes of a request arrived since the deadline was armed
-        self.in_head = True  # waiting for (the rest of) a request line and headers
-        self.head_bytes = 0
+        self.open_head = False  # a request has begun and its headers have not all arrived
+        self.heads_begun = 0
+        self.head_bytes = 0  # of the open head (an overcount by less than HEAD_SLICE)
         self.unanswered = 0  # requests fully read whose responses are not complete
 
     # --- the deadline ------------------------------------------------------------------
@@ -98,27 +111,59 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self.deadline is not None:
             self.heard = True
-        was_head = self.in_head
-        super().data_received(data)
-        if was_head and self.in_head and not self.transport.is_closing():
-            self.head_bytes += len(data)
+        if len(data) <= HEAD_SLICE:
+            self.parse(data)
+            return
+        view = memoryview(data)
+        for start in range(0, len(data), HEAD_SLICE):
+            if not self.parse(view[start:start + HEAD_SLICE]):
+                return
+
+    def parse(self, data: bytes | memoryview) -> bool:
+        """uvicorn's data_received for one slice, then the head bound; False when the rest
+        of the read is not for this parser (refused, closed, or upgraded)."""
+        self._unset_keepalive_if_required()
+        begun = self.heads_begun
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            msg = "Invalid HTTP request received."
+            self.logger.warning(msg)
+            self.send_400_response(msg)
+            return False
+        except httptools.HttpParserUpgrade:
+            # As uvicorn: the WebSocket protocol takes over (the rest of this read is
+            # dropped, as uvicorn drops it), or an unsupported upgrade is ignored.
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+            return False
+        if self.transport.is_closing():
+            return False
+        if self.open_head:
+            # Begun in this slice: at most the whole slice is its.  Else all of it is.
+            self.head_bytes = len(data) if self.heads_begun != begun else self.head_bytes + len(data)
             if self.head_bytes > _bounds()[1]:
                 self.disarm()
                 self.refuse(_answer(431, "Request Header Fields Too Large", "headers_too_large",
                                     f"request line and headers over {_bounds()[1]} bytes"))
+                return False
+        return True
 
     def on_message_begin(self) -> None:
+        self.open_head = True
+        self.heads_begun += 1
         self.head_bytes = 0
         super().on_message_begin()
 
     def on_headers_complete(self) -> None:
-        self.in_head = False
+        self.open_head = False
         if self.parser.should_upgrade() and self._should_upgrade():
             self.disarm()  # a WebSocket handshake: the socket's own bounds take over
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
-        self.in_head = True
         if self.cycle is not None and not self.cycle.response_complete:
             self.disarm()  # read in time; the app answers it
             self.unanswered += 1
