@@ -39,7 +39,6 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from paystream.errors import error_body
 
-
 # Reads are parsed this many bytes at a time (see the module docstring).  Small enough that
 # the overcount leaves a head the app accepts (PAYSTREAM_MAX_HEADER_BYTES, 16 KiB) far
 # below the bound, large enough that a 1 MiB body is a few dozen parser calls.
