@@ -159,6 +159,11 @@ def create_app(settings: Settings | None = None, extra_routes: list[BaseRoute] |
             Exception: server_error_handler,
         },
     )
+    # Starlette answers a path with a trailing slash by a 307 to the path without it, its
+    # Location built from the Host header with the query (a stream token) carried along:
+    # a token handed to whoever the Host header names.  No path redirects: such a path is
+    # unknown, 404 like any other (issue 22).
+    app.router.redirect_slashes = False
     app.state.settings = settings
     app.state.limits = StreamLimits(settings.max_streams_per_token, settings.max_streams_per_address)
     return app
