@@ -88,7 +88,7 @@ SPEC: dict[str, Any] = {
                                         "properties": {"transaction": _TXN,
                                                        "client_secret": {"type": "string", "nullable": True},
                                                        "stream_token": {"type": "string"}}}, "created"),
-                          **_errors(400, 401, 402, 429, 431, 502, 503)},
+                          **_errors(400, 401, 402, 409, 429, 431, 502, 503)},
         }},
         "/v1/transactions/{id}": {"get": {
             "summary": "Current state; with `await`, a long-poll that answers on a status change",

@@ -4,12 +4,25 @@ The row is committed before Stripe is called, so an event Stripe sends about the
 object always finds it (by the transaction_id in the object's metadata).  Stripe's own
 idempotency key is derived from our transaction id, and Idempotency-Key on our endpoint
 returns the first answer again, so a retried request never makes a second object.
+
+Requests with one Idempotency-Key that arrive together: one of them claims the key (a
+committed claim in its idempotency_keys row, renewed while it calls Stripe, so no database
+transaction or session lock is held across the call and a transaction-mode pooler is fine)
+and calls Stripe; the others poll the row for its answer and give that same answer, or
+after IDEMPOTENCY_WAIT answer 409 idempotency_key_in_flight with Retry-After.  A claim
+whose holder died lapses after CLAIM_LEASE, and the next request with the key takes over.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
+import math
+import secrets
+import time
+from datetime import timedelta
 from typing import Any, Literal
 
 import asyncpg
@@ -27,6 +40,15 @@ from paystream.errors import ApiError
 from paystream.payments.stripe_api import Created, StripeApi, StripeFailure
 
 CARD_VALIDATION_AMOUNT = 100  # $1, authorised then released
+
+# How long a request waits for another request holding its Idempotency-Key: far above a
+# Stripe create's usual second, below a client's usual timeout.
+IDEMPOTENCY_WAIT = 5.0
+# A claim lapses this long after its last renewal; the holder renews it every third of it
+# while it calls Stripe (whose calls, with stripe-python's retries, can outlast any fixed
+# lease), so only a dead holder's claim lapses.
+CLAIM_LEASE = timedelta(seconds=30)
+_POLL_FIRST, _POLL_MAX = 0.02, 0.25  # seconds between looks at a held key's row
 
 
 class CreateTransaction(BaseModel):
@@ -78,23 +100,93 @@ def _parse(raw: bytes) -> CreateTransaction:
     return validated(CreateTransaction, raw).checked()
 
 
-async def _claim_key(conn: asyncpg.Connection, key: str, digest: str) -> asyncpg.Record | None:
-    """Record the key, or return its earlier use (locked until this transaction ends)."""
-    inserted = await conn.fetchval(
-        "INSERT INTO idempotency_keys (key, request_hash) VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING true",
-        key, digest)
-    if inserted:
-        return None
-    earlier = await conn.fetchrow("SELECT * FROM idempotency_keys WHERE key = $1 FOR UPDATE", key)
+class _Answered(Exception):
+    """The key already has its answer (final, or a 5xx a waiter was waiting for)."""
+
+    def __init__(self, status: int, body: dict[str, Any]) -> None:
+        super().__init__(status)
+        self.status, self.body = status, body
+
+
+async def _claim_key(conn: asyncpg.Connection, key: str, digest: str, claim: str) -> asyncpg.Record | None:
+    """Claim the key for this request and return its row (locked until this database
+    transaction ends), or None while another request holds it.  Raises _Answered when it
+    has a final answer."""
+    inserted = await conn.fetchrow(
+        """INSERT INTO idempotency_keys (key, request_hash, claim, claimed_until)
+           VALUES ($1, $2, $3, clock_timestamp() + $4::interval)
+           ON CONFLICT DO NOTHING RETURNING *""", key, digest, claim, CLAIM_LEASE)
+    if inserted is not None:
+        return inserted
+    earlier = await conn.fetchrow(
+        "SELECT *, claimed_until > clock_timestamp() AS held FROM idempotency_keys WHERE key = $1 FOR UPDATE", key)
     if earlier["request_hash"] != digest:
         raise ApiError(400, "idempotency_key_reused", "this Idempotency-Key was used with a different body")
-    return earlier
+    if earlier["response"] is not None and earlier["status_code"] < 500:
+        raise _Answered(earlier["status_code"], earlier["response"])
+    if earlier["held"]:
+        return None
+    # Free: a first attempt that ended in a 5xx, or whose holder died.  This request retries.
+    return await conn.fetchrow(
+        """UPDATE idempotency_keys SET claim = $2, claimed_until = clock_timestamp() + $3::interval,
+                  status_code = NULL, response = NULL
+            WHERE key = $1 RETURNING *""", key, claim, CLAIM_LEASE)
 
 
-async def _remember(pool: asyncpg.Pool, key: str | None, status: int, body: dict) -> None:
+async def _await_holder(pool: asyncpg.Pool, key: str, deadline: float) -> None:
+    """Wait while another request holds the key.  Raises _Answered with its answer; returns
+    when the key is free without one (its holder failed unexpectedly or died), so that this
+    request claims it; 409 at the deadline."""
+    pause = _POLL_FIRST
+    while True:
+        row = await pool.fetchrow(
+            """SELECT status_code, response, claimed_until > clock_timestamp() AS held,
+                      extract(epoch FROM claimed_until - clock_timestamp()) AS left
+                 FROM idempotency_keys WHERE key = $1""", key)
+        if row is None or not row["held"] and row["response"] is None:
+            return
+        if row["response"] is not None:
+            raise _Answered(row["status_code"], row["response"])
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            # Retry-After: when another wait is worth it, not when the claim would lapse
+            # (a live holder keeps renewing it).
+            retry = max(1, math.ceil(min(float(row["left"]), IDEMPOTENCY_WAIT)))
+            raise ApiError(409, "idempotency_key_in_flight",
+                           "a request with this Idempotency-Key is still being processed; retry later",
+                           headers={"Retry-After": str(retry)})
+        await asyncio.sleep(min(pause, remaining))
+        pause = min(pause * 2, _POLL_MAX)
+
+
+async def _renew_claim(pool: asyncpg.Pool, key: str, claim: str) -> None:
+    every = CLAIM_LEASE.total_seconds() / 3
+    while True:
+        await asyncio.sleep(every)
+        with contextlib.suppress(asyncpg.PostgresError, OSError, TimeoutError):
+            await pool.execute(
+                "UPDATE idempotency_keys SET claimed_until = clock_timestamp() + $3::interval"
+                " WHERE key = $1 AND claim = $2", key, claim, CLAIM_LEASE)
+
+
+async def _answer(conn: asyncpg.Connection | asyncpg.Pool, key: str | None, claim: str, status: int,
+                  body: dict) -> None:
+    """Record this request's answer for its key and give the key up (if still ours: a claim
+    that lapsed may have passed to another request).  A 5xx answer is given to the requests
+    waiting on this one, and a later request retries."""
     if key:
-        await pool.execute("UPDATE idempotency_keys SET status_code = $2, response = $3 WHERE key = $1",
-                           key, status, body)
+        await conn.execute(
+            """UPDATE idempotency_keys SET status_code = $2, response = $3,
+                      claimed_until = CASE WHEN claim = $4 THEN NULL ELSE claimed_until END,
+                      claim = CASE WHEN claim = $4 THEN NULL ELSE claim END
+                WHERE key = $1""", key, status, json.loads(json.dumps(body)), claim)
+
+
+async def _give_up(pool: asyncpg.Pool, key: str, claim: str) -> None:
+    """Free the key without an answer (an unexpected failure): a waiter or retry takes over."""
+    with contextlib.suppress(asyncpg.PostgresError, OSError, TimeoutError):
+        await pool.execute("UPDATE idempotency_keys SET claim = NULL, claimed_until = NULL"
+                           " WHERE key = $1 AND claim = $2", key, claim)
 
 
 async def create_transaction(request: Request) -> JSONResponse:
@@ -114,34 +206,66 @@ async def create(state: State, raw: bytes, key: str | None) -> tuple[int, dict[s
         raise ApiError(503, "stripe_not_configured", "STRIPE_API_KEY is not set on this server")
     req = _parse(raw)
     pool: asyncpg.Pool = state.pool
+    if key is None:
+        async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn, conn.transaction():
+            row = await _start(conn, req, None)
+        return await _call_stripe(state, api, req, row, None, "")
 
-    async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn, conn.transaction():
-        earlier = await _claim_key(conn, key, hashlib.sha256(raw).hexdigest()) if key else None
-        if earlier is not None and earlier["response"] is not None:
-            return earlier["status_code"], earlier["response"]
-        if earlier is not None and earlier["transaction_id"] is not None:
-            row = await store.lock_by_id(conn, earlier["transaction_id"])  # a retry after a 502
-        else:
-            txn_id = store.new_transaction_id()
-            await transitions.lock_for_writing(conn, txn_id)
-            row = await transitions.create(
-                conn, txn_id=txn_id, stripe_id=None, kind=req.kind, amount=req.amount or 0,
-                currency=req.currency, customer_id=req.customer_id, metadata=req.metadata,
-                change=Change("requires_payment_method", BEFORE_STRIPE),
-                stripe_event_id=None, cause_type="paystream.transaction.created")
-            await transitions.unpark(conn, txn_id)
-            if key:
-                await conn.execute("UPDATE idempotency_keys SET transaction_id = $2 WHERE key = $1", key, txn_id)
-    assert row is not None
+    digest, claim = hashlib.sha256(raw).hexdigest(), secrets.token_hex(16)
+    deadline = time.monotonic() + IDEMPOTENCY_WAIT
+    try:
+        while True:
+            async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn, conn.transaction():
+                held = await _claim_key(conn, key, digest, claim)
+                if held is not None:
+                    row = await _start(conn, req, held)
+                    if held["transaction_id"] is None:
+                        await conn.execute("UPDATE idempotency_keys SET transaction_id = $2 WHERE key = $1",
+                                           key, row["id"])
+                    break
+            await _await_holder(pool, key, deadline)
+    except _Answered as answered:
+        return answered.status, answered.body
+
+    renewal = asyncio.create_task(_renew_claim(pool, key, claim))
+    try:
+        return await _call_stripe(state, api, req, row, key, claim)
+    except BaseException:
+        await asyncio.shield(_give_up(pool, key, claim))
+        raise
+    finally:
+        renewal.cancel()
+
+
+async def _start(conn: asyncpg.Connection, req: CreateTransaction,
+                 key_row: asyncpg.Record | None) -> asyncpg.Record:
+    """The transaction to create at Stripe: the key's from an earlier attempt, else a new
+    one (committed, with the claim, before Stripe is called)."""
+    if key_row is not None and key_row["transaction_id"] is not None:
+        row = await store.lock_by_id(conn, key_row["transaction_id"])  # a retry after a 5xx
+        assert row is not None
+        return row
+    txn_id = store.new_transaction_id()
+    await transitions.lock_for_writing(conn, txn_id)
+    row = await transitions.create(
+        conn, txn_id=txn_id, stripe_id=None, kind=req.kind, amount=req.amount or 0,
+        currency=req.currency, customer_id=req.customer_id, metadata=req.metadata,
+        change=Change("requires_payment_method", BEFORE_STRIPE),
+        stripe_event_id=None, cause_type="paystream.transaction.created")
+    await transitions.unpark(conn, txn_id)
+    return row
+
+
+async def _call_stripe(state: State, api: StripeApi, req: CreateTransaction, row: asyncpg.Record,
+                       key: str | None, claim: str) -> tuple[int, dict[str, Any]]:
+    pool: asyncpg.Pool = state.pool
     txn_id = row["id"]
-
     try:
         created = await _create_at_stripe(api, row, req)
     except StripeFailure as failure:
         await _record_failure(pool, txn_id, failure)
         body = {"error": failure.as_error() | {"transaction_id": txn_id}}
-        if failure.status < 500:
-            await _remember(pool, key, failure.status, body)  # final: the same answer again
+        await _answer(pool, key, claim, failure.status, body)  # below 500 final: the same answer again
         return failure.status, body
 
     async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn, conn.transaction():
@@ -150,11 +274,11 @@ async def create(state: State, raw: bytes, key: str | None) -> tuple[int, dict[s
         for linked in created.links:
             await store.link(conn, linked, txn_id)
         row = await store.get_transaction(conn, txn_id)
-    token, _ = tokens.mint(state.settings.paystream_token_secret,
-                           txn=[txn_id, created.stripe_id],
-                           ttl_seconds=min(3600, state.settings.max_token_ttl))
-    body = {"transaction": store.render(row), "client_secret": created.client_secret, "stream_token": token}
-    await _remember(pool, key, 201, json.loads(json.dumps(body)))
+        token, _ = tokens.mint(state.settings.paystream_token_secret,
+                               txn=[txn_id, created.stripe_id],
+                               ttl_seconds=min(3600, state.settings.max_token_ttl))
+        body = {"transaction": store.render(row), "client_secret": created.client_secret, "stream_token": token}
+        await _answer(conn, key, claim, 201, body)
     return 201, body
 
 
