@@ -4,10 +4,12 @@ cause.type = "paystream.refresh".  The page a customer lands on after confirming
 after a 3-D Secure redirect) learns the outcome without waiting 1-5 s for the webhook;
 the webhook that arrives later is then old news and changes nothing.
 
-Browsers call it, so it is bounded twice: one Stripe read per transaction per
-REFRESH_EVERY seconds, and PAYSTREAM_REFRESH_RATE reads per second per process in all,
-so that no page can spend the account's Stripe rate limit; beyond either, 429 with
-Retry-After."""
+Browsers call it, so it is bounded: one Stripe read per transaction per REFRESH_EVERY
+seconds; per caller, a share of PAYSTREAM_REFRESH_RATE for each stream token and a larger
+one for each client address, so that one caller cannot spend what other customers'
+refreshes need; and PAYSTREAM_REFRESH_RATE reads per second per process in all, so that
+no set of pages can spend the account's Stripe rate limit.  Beyond any of them, 429 with
+Retry-After, and a refused refresh counts against none of them."""
 
 from __future__ import annotations
 
@@ -28,29 +30,71 @@ from paystream.payments.stripe_api import StripeApi, StripeFailure
 from paystream.push.streams import read_covered
 
 REFRESH_EVERY = 2.0
-_REMEMBERED = 100_000  # transactions whose last read is kept (older ones are past REFRESH_EVERY)
+_REMEMBERED = 100_000  # transactions, tokens and addresses whose last reads are kept
+# A caller's share of PAYSTREAM_REFRESH_RATE (20 a second by default): a token may burst 4
+# reads and go on at 1 a second (a page refreshes at Pay and after 3-D Secure, a customer
+# token's page a few more); an address, where several customers may sit behind one NAT,
+# bursts 10 and goes on at 5 a second.  Each below the whole, so no one caller empties it.
+TOKEN_SHARE = (1 / 5, 1 / 20)    # (burst, per second) as fractions of the rate
+ADDRESS_SHARE = (1 / 2, 1 / 4)
+
+
+class Buckets:
+    """Token buckets by key, each `burst` deep and refilled at `rate` a second.  Only the
+    most recently used _REMEMBERED keys are kept: a forgotten key comes back full, which
+    the process-wide bucket still bounds."""
+
+    def __init__(self, burst: float, rate: float) -> None:
+        self.burst, self.rate = max(1.0, burst), rate
+        self._level: OrderedDict[object, tuple[float, float]] = OrderedDict()  # key -> (tokens, at)
+
+    def wait(self, key: object, now: float) -> float:
+        """Seconds until `key` may take one (0: now)."""
+        return max(0.0, (1 - self._now(key, now)) / self.rate)
+
+    def take(self, key: object, now: float) -> None:
+        self._level[key] = (self._now(key, now) - 1, now)
+        self._level.move_to_end(key)
+        while len(self._level) > _REMEMBERED:
+            self._level.popitem(last=False)
+
+    def _now(self, key: object, now: float) -> float:
+        tokens, at = self._level.get(key, (self.burst, now))
+        return min(self.burst, tokens + (now - at) * self.rate)
 
 
 class RefreshLimits:
-    """A token bucket for the process, and the last read of each transaction."""
+    """The last read of each transaction, a bucket per token and per client address, and
+    one for the process (PAYSTREAM_REFRESH_RATE)."""
 
     def __init__(self, rate: float, every: float = REFRESH_EVERY) -> None:
         self.rate, self.every = rate, every
-        self._tokens = rate
-        self._at = time.monotonic()
         self._last: OrderedDict[str, float] = OrderedDict()
+        self._tokens = Buckets(rate * TOKEN_SHARE[0], rate * TOKEN_SHARE[1])
+        self._addresses = Buckets(rate * ADDRESS_SHARE[0], rate * ADDRESS_SHARE[1])
+        self._process = Buckets(rate, rate)
 
-    def take(self, txn_id: str) -> None:
-        """Allow one read of txn_id now, or raise 429 saying when to come back."""
+    def take(self, txn_id: str, token: bytes | None = None, address: str | None = None) -> None:
+        """Allow one read of txn_id now for this caller (`token`: Grant.key, None for the
+        API key, which is one trusted caller and limited only in all), or raise 429
+        saying when to come back.  Every bound is checked before any is counted: a refused
+        refresh costs the caller nothing, and each caller is refused by its own bounds
+        before it can reach the process's."""
         now = time.monotonic()
         last = self._last.get(txn_id)
         if last is not None and now - last < self.every:
             raise _too_many(self.every - (now - last), "this transaction was refreshed moments ago")
-        self._tokens = min(self.rate, self._tokens + (now - self._at) * self.rate)
-        self._at = now
-        if self._tokens < 1:
-            raise _too_many((1 - self._tokens) / self.rate, "refreshes are rate-limited on this server")
-        self._tokens -= 1
+        checks = [(self._process, None, "refreshes are rate-limited on this server")]
+        if address is not None:
+            checks.insert(0, (self._addresses, address, "refreshes from this address are rate-limited"))
+        if token:
+            checks.insert(0, (self._tokens, token, "refreshes with this token are rate-limited"))
+        waits = [(buckets.wait(key, now), message) for buckets, key, message in checks]
+        refused = [(wait, message) for wait, message in waits if wait > 0]
+        if refused:
+            raise _too_many(max(wait for wait, _ in refused), refused[0][1])
+        for buckets, key, _message in checks:
+            buckets.take(key, now)
         self._last[txn_id] = now
         self._last.move_to_end(txn_id)
         while len(self._last) > _REMEMBERED:
@@ -72,7 +116,10 @@ async def refresh(request: Request) -> JSONResponse:
     row = await read_covered(state.pool, grant, request.path_params["id"])
     if not row["stripe_id"]:
         raise ApiError(409, "not_linked", "this transaction has no Stripe object yet")
-    state.refresh_limits.take(row["id"])
+    if grant.backend:
+        state.refresh_limits.take(row["id"])
+    else:
+        state.refresh_limits.take(row["id"], grant.key, access.address(request))
     try:
         obj = await api.retrieve(row["stripe_id"])
     except StripeFailure as failure:
