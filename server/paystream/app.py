@@ -91,7 +91,8 @@ def create_app(settings: Settings | None = None, extra_routes: list[BaseRoute] |
         app.state.refresh_limits = RefreshLimits(settings.refresh_rate)
         if api is not None:
             recovery = Recovery(pool, api, stuck_after=timedelta(seconds=settings.stuck_after_seconds),
-                                interval=settings.recovery_interval_seconds)
+                                interval=settings.recovery_interval_seconds,
+                                parked_expiry=timedelta(seconds=settings.parked_expiry_seconds))
             listener.on_channel(OUTBOX_CHANNEL, recovery.kick)
             recovery.start()
             # Events Stripe never delivered, from its event log: at start-up, then periodically.

@@ -299,7 +299,8 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         pool = await db.create_pool(url, 2)
         try:
             recovery = Recovery(pool, StripeApi(settings.stripe_api_key, settings.stripe_api_base),
-                                stuck_after=timedelta(seconds=args.older_than))
+                                stuck_after=timedelta(seconds=args.older_than),
+                                parked_expiry=timedelta(seconds=settings.parked_expiry_seconds))
             report = Report()
             await recovery.run_outbox(report)
             return await recovery.sweep(report, args.id or None)
@@ -322,6 +323,7 @@ def cmd_events(args: argparse.Namespace) -> int:
         "unrouted": "outcome = 'unrouted'",
         "invalid": "outcome = 'invalid'",
         "mismatched": "outcome = 'mismatched'",
+        "expired": "outcome = 'expired'",
         "all": "true",
     }[args.which]
     if args.reprocess:
@@ -570,7 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="List stored Stripe events as JSON lines (newest first), or "
                        "with --reprocess apply unprocessed ones again (oldest first), e.g. after a "
                        "fix for the error they failed with. A processed event is never applied twice.")
-    p.add_argument("which", nargs="?", default="failed", choices=["failed", "unprocessed", "unrouted", "invalid", "mismatched", "all"],
+    p.add_argument("which", nargs="?", default="failed", choices=["failed", "unprocessed", "unrouted", "invalid", "mismatched", "expired", "all"],
                    help="which events (default: failed)")
     p.add_argument("--reprocess", action="store_true", help="apply them again")
     p.add_argument("--id", action="append", default=[], metavar="EVT", help="only this event (repeatable)")

@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     # The sweeper re-checks processing / requires_action transactions older than this.
     stuck_after_seconds: float = Field(default=900, alias="PAYSTREAM_STUCK_AFTER")
     recovery_interval_seconds: float = Field(default=60, alias="PAYSTREAM_RECOVERY_INTERVAL")
+    # How long an event naming a txn_ that is not written yet waits for it (parked) before
+    # it expires (outcome `expired`).
+    parked_expiry_seconds: float = Field(default=86400, gt=0, alias="PAYSTREAM_PARKED_EXPIRY")
     # Merchant effects, comma-separated: module:attribute or sql:schema.function (see
     # paystream.effects); the built-ins and installed entry points run as well.
     effects: str | None = Field(default=None, alias="PAYSTREAM_EFFECTS")

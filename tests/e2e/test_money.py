@@ -216,3 +216,45 @@ async def test_a_signature_from_the_future_is_refused(ps: Paystream) -> None:
     assert resp.status_code == 400 and resp.json()["error"]["code"] == "stale_signature"
     ok = await ps.send(event, timestamp=int(time.time()) + 60)  # within the tolerance: clocks drift
     assert ok.status_code == 200, ok.text
+
+
+# --- a reversal never drives a wallet below zero (issue 22, item 2) -------------------
+
+
+@pytest.mark.parametrize("refunded", [2000, 5000])
+async def test_a_dispute_after_a_refund_reverses_only_what_is_still_credited(
+        ps: Paystream, db: asyncpg.Connection, local_stripe: LocalStripe, refunded: int) -> None:
+    """A 5,000 top-up refunded in part (or whole), then disputed for all of it: the
+    dispute takes back what the refund left, and winning it returns just that."""
+    customer, pi = await top_up(ps, local_stripe)
+    t, du = int(time.time()) - 600, trigger.stripe_id("du_")
+    await ps.deliver(ps.event("payment_intent.succeeded", pi, amount=5000, created=t))
+    await ps.deliver(ps.event("charge.refunded", pi, amount=5000, amount_refunded=refunded, created=t + 1))
+    assert await balance(db, customer) == 5000 - refunded
+    await ps.deliver(ps.event("charge.dispute.created", pi, amount=5000, created=t + 2, dispute_id=du))
+    assert await balance(db, customer) == 0
+    await ps.deliver(ps.event("charge.dispute.closed", pi, amount=5000, created=t + 3, dispute_id=du,
+                              dispute_status="won"))
+    assert await balance(db, customer) == 5000 - refunded
+    running_low = await db.fetchval(
+        "SELECT min(s) FROM (SELECT sum(amount) OVER (ORDER BY id) AS s FROM ledger_entries WHERE account = $1) r",
+        f"wallet:{customer}")
+    assert running_low >= 0  # at no point below zero
+
+
+@pytest.mark.parametrize("event_type", ["charge.refunded", "charge.dispute.created"])
+async def test_a_refund_or_dispute_above_the_amount_paid_is_invalid(
+        ps: Paystream, db: asyncpg.Connection, local_stripe: LocalStripe, event_type: str) -> None:
+    customer, pi = await top_up(ps, local_stripe)
+    await ps.deliver(ps.event("payment_intent.succeeded", pi, amount=5000))
+    before = (await ps.get(pi)).json()
+    if event_type == "charge.refunded":  # the charge says more was refunded than it was for
+        event = ps.event(event_type, pi, amount=5000, amount_refunded=5001)
+    else:  # a dispute of more than the transaction was paid
+        event = ps.event(event_type, pi, amount=5001)
+    answer = await ps.deliver(event)
+    assert answer["outcome"] == "invalid"
+    assert (await ps.get(pi)).json() == before
+    assert await balance(db, customer) == 5000
+    stored = await db.fetchrow("SELECT outcome, processed_at, error FROM stripe_events WHERE id = $1", event["id"])
+    assert stored["outcome"] == "invalid" and stored["processed_at"] is None and "5001" in stored["error"]

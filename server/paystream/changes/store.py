@@ -62,7 +62,17 @@ def render(row: asyncpg.Record | dict[str, Any]) -> dict[str, Any]:
 _STORE_EVENT = """
     INSERT INTO stripe_events (id, type, object_id, api_version, livemode, created, raw_body, headers)
     VALUES ($1, $2, $3, $4, $5, to_timestamp($6), $7, $8)
-    ON CONFLICT (id) DO UPDATE SET attempts = stripe_events.attempts + 1
+    ON CONFLICT (id) DO UPDATE SET attempts = stripe_events.attempts + 1,
+        -- An event not applied yet (unsupported, invalid, failed) is applied from the body
+        -- that came now: keep that body, so the stored event is always what was applied.
+        -- (A parked one keeps the body its transaction will apply.)
+        type = CASE WHEN stripe_events.processed_at IS NULL AND stripe_events.outcome IS DISTINCT FROM 'parked' THEN excluded.type ELSE stripe_events.type END,
+        object_id = CASE WHEN stripe_events.processed_at IS NULL AND stripe_events.outcome IS DISTINCT FROM 'parked' THEN excluded.object_id ELSE stripe_events.object_id END,
+        api_version = CASE WHEN stripe_events.processed_at IS NULL AND stripe_events.outcome IS DISTINCT FROM 'parked' THEN excluded.api_version ELSE stripe_events.api_version END,
+        livemode = CASE WHEN stripe_events.processed_at IS NULL AND stripe_events.outcome IS DISTINCT FROM 'parked' THEN excluded.livemode ELSE stripe_events.livemode END,
+        created = CASE WHEN stripe_events.processed_at IS NULL AND stripe_events.outcome IS DISTINCT FROM 'parked' THEN excluded.created ELSE stripe_events.created END,
+        raw_body = CASE WHEN stripe_events.processed_at IS NULL AND stripe_events.outcome IS DISTINCT FROM 'parked' THEN excluded.raw_body ELSE stripe_events.raw_body END,
+        headers = CASE WHEN stripe_events.processed_at IS NULL AND stripe_events.outcome IS DISTINCT FROM 'parked' THEN excluded.headers ELSE stripe_events.headers END
     RETURNING processed_at, outcome"""
 
 

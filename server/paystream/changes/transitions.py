@@ -128,9 +128,27 @@ async def route_event(conn: asyncpg.Connection, event: dict[str, Any], meaning: 
             await store.link(conn, stripe_id, row["id"])
     if meaning.change is None:
         return "no_change", row["id"], False
+    problem = _beyond_paid(row, meaning.change)
+    if problem is not None:
+        raise Invalid(problem)
     moved, _ = await apply(conn, row, meaning.change, stripe_event_id=event["id"], cause_type=event["type"],
                            finish_event=True)
     return ("applied" if moved else "no_change"), row["id"], moved
+
+
+class Invalid(Exception):
+    """An authentic event that contradicts the transaction it names (a refund or dispute
+    of more than was paid): kept with outcome `invalid`, applied to nothing."""
+
+
+def _beyond_paid(row: asyncpg.Record | dict[str, Any], change: Change) -> str | None:
+    paid = row["amount"]
+    if change.amount_refunded is not None and change.amount_refunded > paid:
+        return f"a refund of {change.amount_refunded} on {row['id']}, which was paid {paid}"
+    disputed = int((change.dispute or {}).get("amount") or 0)
+    if disputed > paid:
+        return f"a dispute of {disputed} on {row['id']}, which was paid {paid}"
+    return None
 
 
 class Mismatched(Exception):
@@ -184,6 +202,11 @@ async def apply_stored_event(conn: asyncpg.Connection, event: dict[str, Any], me
     """Route an event already in stripe_events and record its outcome there."""
     try:
         outcome, txn_id, finished = await route_event(conn, event, meaning, locked)
+    except Invalid as exc:
+        log.warning("event not applied: %s", exc, extra={"stripe_event_id": event["id"], "event_type": event["type"]})
+        metrics.INVALID.inc()
+        await store.finish_stripe_event(conn, event["id"], outcome="invalid", error=str(exc)[:2000], processed=False)
+        return "invalid", None
     except Mismatched as exc:
         # Kept, answered, applied to nothing: an operator decides (`paystream events mismatched`).
         log.warning("event not linked: %s", exc, extra={"stripe_event_id": event["id"], "event_type": event["type"]})

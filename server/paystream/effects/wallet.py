@@ -49,18 +49,21 @@ async def _posted(conn: asyncpg.Connection, txn: dict[str, Any], prefix: str) ->
 
 
 async def _dispute(conn: asyncpg.Connection, txn: dict[str, Any]) -> None:
-    """A dispute that withdrew the funds reverses the disputed part of the credit; one
-    closed as won posts it back.  Each is a group keyed by the dispute, so duplicates and
-    any order (won seen before, or without, the withdrawal) post each once."""
+    """A dispute that withdrew the funds reverses the disputed part of the credit, never
+    more than this transaction still credits; one closed as won posts back exactly what
+    its withdrawal took.  Each is a group keyed by the dispute, so duplicates and any
+    order (won seen before, or without, the withdrawal) post each once."""
     dispute = txn.get("dispute")
     if not dispute or dispute.get("status") not in DISPUTE_FUNDS_WITHDRAWN:
         return
-    amount = min(int(dispute.get("amount") or 0), txn["amount"])
-    if amount <= 0:
-        return
-    await _post(conn, f"dispute:{txn['id']}:{dispute['id']}", txn, -amount)
+    withdrawal = f"dispute:{txn['id']}:{dispute['id']}"
+    amount = min(int(dispute.get("amount") or 0), txn["amount"], await _posted(conn, txn, ""))
+    if amount > 0:
+        await _post(conn, withdrawal, txn, -amount)
     if dispute["status"] == "won":
-        await _post(conn, f"dispute_won:{txn['id']}:{dispute['id']}", txn, amount)
+        taken = -await _posted(conn, txn, withdrawal)
+        if taken > 0:
+            await _post(conn, f"dispute_won:{txn['id']}:{dispute['id']}", txn, taken)
 
 
 class WalletLedger:
@@ -77,15 +80,19 @@ class WalletLedger:
             return None
         if transaction["status"] in REFUNDABLE and transaction["amount"] > 0:
             await _post(conn, f"topup:{transaction['id']}", transaction, transaction["amount"])
+            # The dispute first: one won posts its withdrawal back, which a refund after it
+            # may then reverse.
+            await _dispute(conn, transaction)
             # A refund reverses the refunded part, keyed by Stripe's running total so the
             # same refund reported twice reverses once; what is reversed already is read
-            # from the ledger itself, not from the event before this one.
+            # from the ledger itself, not from the event before this one.  Never more than
+            # this transaction still credits: a wallet does not go below zero because a
+            # dispute already took the money back.
             reversed_so_far = -await _posted(conn, transaction, f"refund:{transaction['id']}:")
             refunded = min(transaction["amount_refunded"], transaction["amount"])
-            if refunded > reversed_so_far:
-                await _post(conn, f"refund:{transaction['id']}:{refunded}", transaction,
-                            -(refunded - reversed_so_far))
-            await _dispute(conn, transaction)
+            reverse = min(refunded - reversed_so_far, await _posted(conn, transaction, ""))
+            if reverse > 0:  # keyed by the running total reversed, so a capped reversal can be completed later
+                await _post(conn, f"refund:{transaction['id']}:{reversed_so_far + reverse}", transaction, -reverse)
         return {"balance": {"customer_id": customer, "amount": await wallet_balance(conn, customer),
                             "currency": transaction["currency"]}}
 

@@ -103,8 +103,9 @@ def event_time(event: dict[str, Any]) -> datetime:
 _MAX_AMOUNT = 2**63 - 1
 
 
-def _str(value: Any) -> str | None:
-    return value if isinstance(value, str) and value else None
+def _str(value: Any, where: str = "a text field") -> str | None:
+    """A non-empty string, checked as every string stored from an event is (_storable)."""
+    return _storable(value, where) if isinstance(value, str) and value else None
 
 
 def _amount(value: Any, name: str = "amount") -> int:
@@ -117,19 +118,27 @@ def _amount(value: Any, name: str = "amount") -> int:
     raise UnusableEvent(f"`{name}` is {str(value)[:40]!r}, not a whole number of the smallest unit")
 
 
-def _storable(value: Any, where: str) -> Any:
-    """`value` if Postgres can store it as JSON text (no NUL, no lone surrogate), else
-    UnusableEvent naming where."""
+# How deep a JSON value stored from an event (metadata, errors, disputes) may nest: Stripe's
+# own are at most a few levels, and the response encoder must be able to write back every
+# stored value (a 970-deep metadata once made GET of its transaction answer 500 forever).
+MAX_DEPTH = 32
+
+
+def _storable(value: Any, where: str, depth: int = 0) -> Any:
+    """`value` if Postgres can store it as JSON text (no NUL, no lone surrogate) and it
+    nests at most MAX_DEPTH deep, else UnusableEvent naming where."""
     if isinstance(value, str):
         if "\x00" in value or not value.isascii() and _has_surrogate(value):
             raise UnusableEvent(f"{where} holds a NUL or a lone surrogate")
+    elif isinstance(value, (dict, list)) and depth >= MAX_DEPTH:
+        raise UnusableEvent(f"{where} nests deeper than {MAX_DEPTH} levels")
     elif isinstance(value, dict):
         for key, item in value.items():
-            _storable(key, where)
-            _storable(item, where)
+            _storable(key, where, depth + 1)
+            _storable(item, where, depth + 1)
     elif isinstance(value, list):
         for item in value:
-            _storable(item, where)
+            _storable(item, where, depth + 1)
     elif isinstance(value, float) and not math.isfinite(value):
         raise UnusableEvent(f"{where} holds a number JSON cannot carry")
     return value
@@ -229,6 +238,8 @@ def _charge(event: dict[str, Any], obj: dict[str, Any], at: datetime) -> Meaning
         # An uncaptured charge "refunded" is Stripe releasing a canceled authorization:
         # not a refund of ours, so it moves nothing (the PI's canceled event does).
         amount, refunded = _amount(obj.get("amount")), _amount(obj.get("amount_refunded"), "amount_refunded")
+        if refunded > amount:
+            raise UnusableEvent(f"`amount_refunded` {refunded} is more than the charge's `amount` {amount}")
         full = obj.get("refunded") is True or (amount > 0 and refunded >= amount)
         change = Change("refunded" if full else "partially_refunded", at, amount_refunded=refunded)
     elif etype == "charge.refund.updated" and obj.get("status") == "failed":

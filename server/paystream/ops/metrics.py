@@ -32,6 +32,12 @@ WEBHOOKS = Counter("paystream_webhooks_total", "Verified Stripe webhooks by outc
 MISMATCHED = Counter("paystream_events_mismatched_total",
                      "Stripe events naming one of our transactions in metadata that do not match it "
                      "(another object already linked, or amount, currency or customer differ): kept, not applied")
+INVALID = Counter("paystream_events_invalid_total",
+                  "Authentic Stripe events that contradict their transaction (a refund or dispute of more "
+                  "than was paid): kept with outcome invalid, not applied")
+PARKED_EXPIRED = Counter("paystream_parked_events_expired_total",
+                         "Stripe events parked for a transaction that was never written, expired after "
+                         "PAYSTREAM_PARKED_EXPIRY (outcome expired)")
 CONNECTIONS = Gauge("paystream_connections", "Open streaming connections", ["transport"])
 PUSHED = Counter("paystream_events_pushed_total", "Events handed to subscribers")
 PUSHED_FROM_NOTIFY = Counter("paystream_notifications_pushed_total",

@@ -16,6 +16,7 @@ from paystream.background import BackgroundTask
 from paystream.changes import store, transitions
 from paystream.changes.lifecycle import stripe_now
 from paystream.db import ACQUIRE_TIMEOUT, DATABASE_ERRORS
+from paystream.ops import metrics
 from paystream.payments.current import change_from_object, change_from_payment_intent
 from paystream.payments.stripe_api import StripeApi, StripeFailure
 
@@ -32,6 +33,7 @@ class Report:
     checked: int = 0
     moved: int = 0
     expiring: int = 0
+    parked_expired: int = 0
     errors: list[str] = field(default_factory=list)
 
 
@@ -39,9 +41,10 @@ class Recovery(BackgroundTask):
     task_name = "paystream-recovery"
 
     def __init__(self, pool: asyncpg.Pool, api: StripeApi, *, stuck_after: timedelta = timedelta(minutes=15),
-                 interval: float = 60.0) -> None:
+                 interval: float = 60.0, parked_expiry: timedelta = timedelta(days=1)) -> None:
         self.pool, self.api = pool, api
         self.stuck_after, self.interval = stuck_after, interval
+        self.parked_expiry = parked_expiry
         self._kick = asyncio.Event()
 
     def kick(self, *_: object) -> None:
@@ -151,4 +154,42 @@ class Recovery(BackgroundTask):
         report.expiring = len(expiring)
         if expiring:
             await self.run_outbox(report)
+        await self.expire_parked(report)
+        return report
+
+    # --- parked events --------------------------------------------------------------------
+
+    async def expire_parked(self, report: Report) -> Report:
+        """Events parked for a transaction that was never written, for longer than
+        parked_expiry (PAYSTREAM_PARKED_EXPIRY), end with outcome `expired`: listed by
+        `paystream events expired`, counted, applied to nothing.  Each takes the lock the
+        transaction's writer takes (transitions.lock_for_writing), so an event is either
+        applied by its transaction or expired, never both, never neither."""
+        candidates = await self.pool.fetch(
+            """SELECT p.stripe_event_id, p.transaction_id FROM parked_events p
+                 JOIN stripe_events s ON s.id = p.stripe_event_id
+                WHERE s.received_at < clock_timestamp() - $1::interval
+                ORDER BY s.received_at LIMIT 1000""", self.parked_expiry)
+        for candidate in candidates:
+            async with self.pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn, conn.transaction():
+                await transitions.lock_for_writing(conn, candidate["transaction_id"])
+                expired = await conn.fetchval(
+                    """WITH gone AS (
+                         DELETE FROM parked_events p
+                          WHERE p.stripe_event_id = $1
+                            AND NOT EXISTS (SELECT FROM transactions t WHERE t.id = p.transaction_id)
+                         RETURNING p.stripe_event_id)
+                       UPDATE stripe_events SET outcome = 'expired', processed_at = clock_timestamp(),
+                              error = $2
+                        WHERE id IN (SELECT stripe_event_id FROM gone)
+                       RETURNING 1""",
+                    candidate["stripe_event_id"],
+                    f"parked for {candidate['transaction_id']}, which was never written, "
+                    f"for longer than {self.parked_expiry}")
+            if expired:
+                report.parked_expired += 1
+                metrics.PARKED_EXPIRED.inc()
+                log.warning("parked event expired: %s was never written", candidate["transaction_id"],
+                            extra={"stripe_event_id": candidate["stripe_event_id"],
+                                   "transaction_id": candidate["transaction_id"]})
         return report
