@@ -324,6 +324,7 @@ def cmd_events(args: argparse.Namespace) -> int:
         "invalid": "outcome = 'invalid'",
         "mismatched": "outcome = 'mismatched'",
         "expired": "outcome = 'expired'",
+        "ignored": "outcome = 'ignored'",
         "all": "true",
     }[args.which]
     if args.reprocess:
@@ -572,7 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="List stored Stripe events as JSON lines (newest first), or "
                        "with --reprocess apply unprocessed ones again (oldest first), e.g. after a "
                        "fix for the error they failed with. A processed event is never applied twice.")
-    p.add_argument("which", nargs="?", default="failed", choices=["failed", "unprocessed", "unrouted", "invalid", "mismatched", "expired", "all"],
+    p.add_argument("which", nargs="?", default="failed", choices=["failed", "unprocessed", "unrouted", "invalid", "mismatched", "expired", "ignored", "all"],
                    help="which events (default: failed)")
     p.add_argument("--reprocess", action="store_true", help="apply them again")
     p.add_argument("--id", action="append", default=[], metavar="EVT", help="only this event (repeatable)")

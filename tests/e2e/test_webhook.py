@@ -120,15 +120,27 @@ async def test_bad_input_gets_its_400_and_changes_nothing(case: str, ps: Paystre
     assert (await ps.get(pi)).json()["status"] == "processing"
 
 
-async def test_an_unsupported_type_is_refused_but_kept_for_operators(ps: Paystream, db: asyncpg.Connection) -> None:
-    event = fixture_event("checkout.session.completed__stripe-ruby-mock")
+async def test_a_type_paystream_does_not_use_is_answered_200_and_kept_as_ignored(
+        ps: Paystream, db: asyncpg.Connection) -> None:
+    """A 400 would have Stripe retry it for three days and maybe disable the endpoint."""
+    event = trigger.envelope("customer.created", {"id": trigger.stripe_id("cus_"), "object": "customer",
+                                                  "email": "a@example.com", "metadata": {}})
+    metric = 'paystream_events_ignored_total{type="customer.created"}'
+
+    def counted(text: str) -> float:
+        return next((float(line.split()[-1]) for line in text.splitlines() if line.startswith(metric)), 0.0)
+
+    counted_before = counted((await ps.http.get("/metrics")).text)
     before = await fingerprint(db)
     resp = await ps.send(event)
-    assert resp.status_code == 400 and resp.json()["error"]["code"] == "unsupported_event_type"
+    assert resp.status_code == 200, resp.text
+    assert resp.json() == {"received": True, "id": event["id"], "outcome": "ignored"}
     row = await db.fetchrow("SELECT processed_at, outcome FROM stripe_events WHERE id = $1", event["id"])
-    assert row["processed_at"] is None and row["outcome"] == "unsupported"
+    assert row["processed_at"] is not None and row["outcome"] == "ignored"
     after = await fingerprint(db)
     assert (after["txns"], after["log"]) == (before["txns"], before["log"])
+    assert (await ps.deliver(event))["outcome"] == "duplicate"
+    assert counted((await ps.http.get("/metrics")).text) == counted_before + 1
 
 
 async def test_an_event_that_routes_nowhere_is_stored_and_answered_200(ps: Paystream, db: asyncpg.Connection) -> None:

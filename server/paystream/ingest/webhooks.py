@@ -111,9 +111,8 @@ async def handle(request: Request) -> JSONResponse:
         return error_response(500, "event_failed", "the event could not be applied; it is kept as failed "
                               "for `paystream events --reprocess`, and Stripe retries it")
     metrics.WEBHOOKS.labels(outcome).inc()
-    if outcome == "unsupported":
-        raise ApiError(400, "unsupported_event_type",
-                       f"paystream does not handle {event['type']!r} events; stored for operators")
+    if outcome == "ignored":
+        metrics.IGNORED.labels(event["type"]).inc()
     return JSONResponse({"received": True, "id": event["id"], "outcome": outcome})
 
 
@@ -133,9 +132,10 @@ async def apply_event(pool: asyncpg.Pool, event: dict[str, Any], raw: str,
             if stored["processed_at"] is not None or stored["outcome"] == "parked":
                 raise _Duplicate(stored["outcome"])
             if meaning is None:
-                await store.finish_stripe_event(conn, event["id"], outcome="unsupported",
-                                                error="unsupported event type", processed=False)
-                return "unsupported"
+                # Authentic, of a type paystream does not use: answered 200 (a 4xx would
+                # have Stripe retry it for three days and may disable the endpoint), kept.
+                await store.finish_stripe_event(conn, event["id"], outcome="ignored")
+                return "ignored"
             outcome, txn_id = await transitions.apply_stored_event(conn, event, meaning, locked)
     except _Duplicate:
         log.info("duplicate delivery", extra={"stripe_event_id": event["id"]})
@@ -187,6 +187,7 @@ async def reprocess(pool: asyncpg.Pool, event_id: str) -> str:
             return "duplicate"
         event = json.loads(row["raw_body"])
         if not is_supported(event["type"]):
-            return "unsupported"
+            await store.finish_stripe_event(conn, event_id, outcome="ignored")
+            return "ignored"
         outcome, _ = await transitions.apply_stored_event(conn, event)
     return outcome

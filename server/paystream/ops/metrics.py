@@ -32,6 +32,9 @@ WEBHOOKS = Counter("paystream_webhooks_total", "Verified Stripe webhooks by outc
 MISMATCHED = Counter("paystream_events_mismatched_total",
                      "Stripe events naming one of our transactions in metadata that do not match it "
                      "(another object already linked, or amount, currency or customer differ): kept, not applied")
+IGNORED = Counter("paystream_events_ignored_total",
+                  "Authentic Stripe events of a type paystream does not use: answered 200, stored with "
+                  "outcome ignored", ["type"])
 INVALID = Counter("paystream_events_invalid_total",
                   "Authentic Stripe events that contradict their transaction (a refund or dispute of more "
                   "than was paid): kept with outcome invalid, not applied")
