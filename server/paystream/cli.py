@@ -76,6 +76,19 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
+def _hang_up_as_terminate(signum: int, frame: object) -> None:
+    """A closed terminal (SIGHUP) stops paystream the way SIGTERM does, shutdown and
+    atexit clean-up included, rather than killing it where it stands."""
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _stop_cleanly_on_signals() -> None:
+    # Before uvicorn runs (while Postgres and localstripe start, during migrations) and
+    # after it: uvicorn handles SIGTERM itself in between, and re-raises it when done.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    signal.signal(signal.SIGHUP, _hang_up_as_terminate)
+
+
 def _effects_or_exit(command: str, url: str | None = None) -> Effects:
     """The configured effects, or exit 2 with one line naming the one that cannot load
     (with `url`, a SQL effect's function must exist there too)."""
@@ -136,7 +149,7 @@ def _run_uvicorn(host: str, port: int, workers: int, access_log: bool,
     # raises the signal again.  With the default handler that kills the process before
     # atexit runs, so `dev` (or `serve` without DATABASE_URL) left its embedded Postgres
     # and localstripe running.  This handler makes it a normal exit, status 143 as before.
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    _stop_cleanly_on_signals()
     # Each worker serves its metrics port (PAYSTREAM_METRICS_PORT + 0 … N-1) and reads the
     # count from here, the name uvicorn and gunicorn use for it.
     os.environ["WEB_CONCURRENCY"] = str(workers)
@@ -214,6 +227,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     host, port = args.host or os.environ.get("HOST", "127.0.0.1"), args.port or int(os.environ.get("PORT", "8000"))
     _port_or_exit("serve", host, port)
+    _stop_cleanly_on_signals()
     url = _database_url(announce=True)
     _effects_or_exit("serve", url)
     _run_uvicorn(host, port, args.workers, args.access_log)
@@ -222,6 +236,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_dev(args: argparse.Namespace) -> int:
     _port_or_exit("dev", args.host, args.port)
+    _stop_cleanly_on_signals()
     for name, value in _dev_secrets().items():
         os.environ.setdefault(name, value)
     # One node: nowhere else for clients to go, so a restart should not wait out a drain.
@@ -248,7 +263,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
         from paystream.dev.localstripe import LocalStripe
         from paystream.dev.processes import free_port
 
-        local = LocalStripe(free_port(), _data_dir()).start()
+        local = LocalStripe(free_port(), _data_dir(), pid_file=_data_dir() / "localstripe.pid").start()
         local.register_webhook(f"{base}/v1/stripe/webhook", os.environ["STRIPE_WEBHOOK_SECRET"].split(",")[0])
         os.environ["STRIPE_API_BASE"] = local.url
         stripe_line = f"  local Stripe   {local.url} (localstripe; cards 4242…, 3-D Secure 4000 0000 0000 3220, decline …0341)"
@@ -507,8 +522,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "Postgres under .paystream/ (unless DATABASE_URL is set), a local Stripe "
                        "stand-in (localstripe, unless STRIPE_API_BASE is set) posting signed "
                        "webhooks here, generated dev secrets (kept in .paystream/dev-secrets.json), "
-                       "migrations, and the server. On SIGTERM streams end at once "
-                       "(PAYSTREAM_DRAIN_SECONDS defaults to 0 here: one node, nowhere to drain to).")
+                       "migrations, and the server. On SIGTERM (or SIGHUP: a closed terminal) streams end at once "
+                       "(PAYSTREAM_DRAIN_SECONDS defaults to 0 here: one node, nowhere to drain to). "
+                       "The embedded Postgres and localstripe (on 127.0.0.1) stop with it however it ends, "
+                       "SIGKILL included.")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.set_defaults(func=cmd_dev)

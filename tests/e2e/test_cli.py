@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 
@@ -136,7 +137,12 @@ def test_dev_stops_its_postgres_and_localstripe_on_sigterm() -> None:
 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 128 + signal.SIGTERM  # the shell's code for "ended by SIGTERM"
-        alive = [p for p in localstripe + postgres if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        # Polled: the embedded Postgres' watchdog (db.start_embedded) ends just after dev does.
+        def running() -> list[psutil.Process]:
+            return [p for p in localstripe + postgres if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        deadline = time.monotonic() + 15
+        while (alive := running()) and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert alive == [], f"left running: {[' '.join(p.cmdline()) for p in alive]}"
     finally:
         if proc.poll() is None:
