@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import secrets
 import subprocess
 import sys
@@ -74,7 +75,8 @@ class Server:
     """`paystream serve` as a subprocess, as an operator would run it."""
 
     def __init__(self, database_url: str, extra_env: dict[str, str] | None = None,
-                 log_dir: Path | None = None, args: tuple[str, ...] = ()) -> None:
+                 log_dir: Path | None = None, args: tuple[str, ...] = (),
+                 file_limit: int | None = None) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.api_key = "psk_test_" + secrets.token_hex(8)
@@ -83,6 +85,7 @@ class Server:
         self.token_secret = secrets.token_hex(32)
         self.database_url = database_url
         self.args = args
+        self.file_limit = file_limit  # RLIMIT_NOFILE for the server process (default: this one's)
         self.env = {
             **os.environ,
             "DATABASE_URL": database_url,
@@ -102,11 +105,15 @@ class Server:
         """Start and wait for /readyz to answer 200 (or to satisfy `ready`)."""
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "paystream", "serve", *self.args], env=self.env, stdout=log, stderr=log
+            [sys.executable, "-m", "paystream", "serve", *self.args], env=self.env, stdout=log, stderr=log,
+            preexec_fn=None if self.file_limit is None else self._limit_files,
         )
         wait_until_up(self.proc, f"{self.base_url}/readyz", timeout, self.log_tail,
                       *([ready] if ready is not None else []))
         return self
+
+    def _limit_files(self) -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.file_limit, self.file_limit))
 
     def stop(self, sig: int = 15, timeout: float = 20) -> int | None:
         if self.proc is None or self.proc.poll() is not None:

@@ -37,6 +37,11 @@ class Settings(BaseSettings):
     # Open streams (SSE, WebSocket, long-poll) one stream token, or one client address, may hold.
     max_streams_per_token: int = Field(default=20, alias="PAYSTREAM_MAX_STREAMS_PER_TOKEN")
     max_streams_per_address: int = Field(default=500, alias="PAYSTREAM_MAX_STREAMS_PER_ADDRESS")
+    # Open connections (HTTP and WebSocket) one client address may hold, per process; one
+    # more is answered 429 too_many_connections and closed (auth/connections.py). Above the
+    # streams per address, so an address holding all its streams can still make requests.
+    # A trusted proxy's own address is not capped.
+    max_connections_per_address: int = Field(default=1000, ge=1, alias="PAYSTREAM_MAX_CONNECTIONS_PER_ADDRESS")
     max_header_bytes: int = Field(default=16 * 1024, alias="PAYSTREAM_MAX_HEADER_BYTES")
     long_poll_max_seconds: float = 60.0
     db_pool_size: int = Field(default=10, alias="PAYSTREAM_DB_POOL")

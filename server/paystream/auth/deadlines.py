@@ -21,6 +21,9 @@ complete.  BoundedHttpProtocol is uvicorn's httptools protocol plus:
   began, so reads are parsed in slices of HEAD_SLICE bytes: a head that began inside a
   slice is counted as that whole slice, an overcount of less than HEAD_SLICE.
 
+It also judges each connection as it is accepted: the per-address cap and the descriptors
+kept for the server's own use (auth/connections.py).
+
 `paystream serve` (cli._run_uvicorn) runs uvicorn with `http=` this class.  It reads its
 settings from the environment once per process, so each `--workers` process has them.
 """
@@ -37,12 +40,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from paystream.auth import connections
 from paystream.errors import error_body
 
 # Reads are parsed this many bytes at a time (see the module docstring).  Small enough that
 # the overcount leaves a head the app accepts (PAYSTREAM_MAX_HEADER_BYTES, 16 KiB) far
 # below the bound, large enough that a 1 MiB body is a few dozen parser calls.
 HEAD_SLICE = 8192
+# The longest a refused connection (over its address's cap) waits for its client to close.
+LINGER = 2.0
 
 
 @functools.cache
@@ -53,10 +59,21 @@ def _bounds() -> tuple[float, int]:
     return settings.header_timeout, max(64 * 1024, 2 * settings.max_header_bytes + 8192)
 
 
-def _answer(status: int, reason: str, code: str, message: str) -> bytes:
+def _answer(status: int, reason: str, code: str, message: str, retry_after: int | None = None) -> bytes:
     body = json.dumps(error_body(code, message)).encode()
-    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+    retry = f"retry-after: {retry_after}\r\n" if retry_after is not None else ""
+    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n{retry}"
             f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode() + body
+
+
+async def _server_busy(scope: Any, receive: Any, send: Any) -> None:
+    """What a connection in the descriptor reserve gets for anything but a health check."""
+    refusal = connections.ConnectionLimits.busy()
+    body = json.dumps(error_body(refusal.code, refusal.message)).encode()
+    await send({"type": "http.response.start", "status": refusal.status,
+                "headers": [(b"content-type", b"application/json"), (b"retry-after", b"1"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
 
 
 class BoundedHttpProtocol(HttpToolsProtocol):
@@ -68,6 +85,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self.heads_begun = 0
         self.head_bytes = 0  # of the open head (an overcount by less than HEAD_SLICE)
         self.unanswered = 0  # requests fully read whose responses are not complete
+        self.admission: connections.Admission | None = None  # counted until the connection is lost
+        self.lingering = False  # refused, answered, and waiting for the client to close
 
     # --- the deadline ------------------------------------------------------------------
 
@@ -101,13 +120,56 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        admission = connections.limits().admit(transport.get_extra_info("peername"),
+                                               sock.fileno() if sock is not None else 0)
+        if admission.refusal is not None:
+            self.refuse_connection(admission.refusal)
+            return
+        self.admission = admission
         self.arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.disarm()
+        self.release()
         super().connection_lost(exc)
 
+    def refuse_connection(self, r: connections.Refusal) -> None:
+        """Answered at once, before any of the request is read.  Over the address's cap, the
+        answer is followed by a FIN and what the client still sends is read and dropped
+        until it closes (at most LINGER seconds): closing with its request unread would
+        reset the connection, and a reset loses the answer at most clients.  In the
+        descriptor reserve the descriptor matters more: closed at once."""
+        self.transport.write(_answer(r.status, r.reason, r.code, r.message, retry_after=1))
+        if r.status == 503 or not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        self.lingering = True
+        self.transport.write_eof()
+        self.deadline = self.loop.call_later(LINGER, self.transport.abort)  # cancelled on close
+
+    def release(self) -> None:
+        if self.admission is not None:
+            connections.limits().release(self.admission.key)
+            self.admission = None
+
+    def handle_websocket_upgrade(self) -> None:
+        super().handle_websocket_upgrade()
+        ws = self.transport.get_protocol()
+        if ws is self or self.admission is None:
+            return
+        # The WebSocket protocol is told of the close now: it releases the count then.
+        lost = ws.connection_lost
+
+        def connection_lost(exc: Exception | None) -> None:
+            self.release()
+            lost(exc)
+
+        ws.connection_lost = connection_lost  # type: ignore[method-assign]
+
     def data_received(self, data: bytes) -> None:
+        if self.lingering:
+            return  # refused: read only so that closing sends no reset
         if self.deadline is not None:
             self.heard = True
         if len(data) <= HEAD_SLICE:
@@ -133,7 +195,9 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         except httptools.HttpParserUpgrade:
             # As uvicorn: the WebSocket protocol takes over (the rest of this read is
             # dropped, as uvicorn drops it), or an unsupported upgrade is ignored.
-            if self._should_upgrade():
+            if self.transport.is_closing():
+                pass  # refused (health_check_only): nothing to upgrade
+            elif self._should_upgrade():
                 self.handle_websocket_upgrade()
             else:
                 self._unsupported_upgrade_warning()
@@ -158,9 +222,32 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self.open_head = False
+        if self.admission is not None and self.admission.health_only:
+            self.health_check_only()
+            return
         if self.parser.should_upgrade() and self._should_upgrade():
             self.disarm()  # a WebSocket handshake: the socket's own bounds take over
         super().on_headers_complete()
+
+    def health_check_only(self) -> None:
+        """A connection in the descriptor reserve: a health check is answered, anything else
+        is 503 server_busy; either way the connection closes after its one answer."""
+        try:
+            path = httptools.parse_url(self.url).path
+        except httptools.HttpParserInvalidURLError:
+            path = b""
+        if self.parser.should_upgrade():
+            r = connections.ConnectionLimits.busy()
+            self.refuse(_answer(r.status, r.reason, r.code, r.message, retry_after=1))
+            return
+        app = self.app
+        if path not in connections.HEALTH_PATHS:
+            self.app = _server_busy
+        try:
+            super().on_headers_complete()
+        finally:
+            self.app = app
+        self.cycle.keep_alive = False
 
     def on_message_complete(self) -> None:
         if self.cycle is not None and not self.cycle.response_complete:
