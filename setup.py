@@ -7,6 +7,7 @@ scripts/sdk-install) goes to paystream/dev/static for `paystream dev`'s /demo.
 Everything else is in pyproject.toml."""
 
 import shutil
+import sys
 from pathlib import Path
 
 from setuptools import setup
@@ -32,8 +33,10 @@ class BuildPy(build_py):
             (package / "dev" / "static").mkdir(parents=True, exist_ok=True)
             shutil.copy2(bundle, package / "dev" / "static" / bundle.name)
         else:
-            print("setup.py: client-sdk/dist/paystream.min.js is not built (scripts/sdk-install): "
-                  "this wheel's /demo will have no SDK")
+            # On stderr, where `python -m build` and `pip wheel -v` show it; `paystream dev`
+            # from such a wheel says so again at start, in its log and on /demo.
+            print("WARNING: setup.py: client-sdk/dist/paystream.min.js is not built (run scripts/sdk-install "
+                  "first): this wheel's `paystream dev` /demo cannot follow a payment", file=sys.stderr)
 
 
 setup(cmdclass={"build_py": BuildPy})

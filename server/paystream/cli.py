@@ -244,6 +244,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     url = _database_url(announce=True)
     from paystream import db
     from paystream.auth.origins import AllowedOrigins
+    from paystream.dev.demo import NO_SDK, sdk_bundle
 
     # Pages on any local port may use the dev server (a checkout page under development).
     os.environ.setdefault("PAYSTREAM_ALLOWED_ORIGINS",
@@ -271,7 +272,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
         "\n".join([
             "",
             f"  paystream dev  {base}",
-            f"  demo           {base}/demo",
+            f"  demo           {base}/demo" + ("" if sdk_bundle() else f"\n  WARNING        {NO_SDK}"),
             f"  webhook        {base}/v1/stripe/webhook",
             f"  database       {db.redact(url)}",
             stripe_line,

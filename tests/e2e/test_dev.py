@@ -136,3 +136,32 @@ def test_a_start_stops_the_postgres_a_crashed_dev_left_running(data_dir: str) ->
     second.proc.terminate()
     assert second.proc.wait(30) == 128 + signal.SIGTERM
     assert _all_gone(localstripe2 + postmaster2 + _named(data_dir)) == []
+
+
+def test_dev_without_the_sdk_bundle_says_so_at_start_and_on_the_page(data_dir: str) -> None:
+    """As from a wheel built before scripts/sdk-install: no bundle where /demo looks."""
+    import httpx
+
+    port = harness.free_port()
+    env = {k: v for k, v in os.environ.items() if k not in SECRETS}
+    env["PAYSTREAM_DATA_DIR"] = data_dir
+    # The same `paystream dev`, with the bundle's places pointing at nothing (uvicorn runs
+    # the app in this process, so the module it imports is the one changed here).
+    launcher = ("import sys; from pathlib import Path; import paystream.dev.demo as demo; "
+                "demo.SDK_BUNDLES = (Path(sys.argv[1]),); from paystream.cli import main; "
+                "sys.exit(main(['dev', '--port', sys.argv[2]]))")
+    log = Path(data_dir) / "dev.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-c", launcher, f"{data_dir}/absent.js", str(port)], env=env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        harness.wait_until_up(proc, f"http://127.0.0.1:{port}/readyz", 90, lambda: harness.tail(log))
+        page = httpx.get(f"http://127.0.0.1:{port}/demo", timeout=10).text
+        assert '<div id="nosdk">' in page, "the page shows why it cannot work"
+        assert httpx.get(f"http://127.0.0.1:{port}/demo/paystream.js", timeout=10).status_code == 503
+        output = log.read_text()
+        assert "WARNING        the SDK bundle is not built" in output, output  # dev's banner
+        assert '"logger": "paystream.demo"' in output and "scripts/sdk-install" in output, output
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -32,14 +32,25 @@ CARDS = {"visa": "4242424242424242", "3ds": "4000000000003220", "decline": "4000
 CONTRACT = "contract_brand_refresh"
 
 
+NO_SDK = ("the SDK bundle is not built, so /demo cannot follow a payment: build it (scripts/sdk-install) "
+          "and restart; a wheel carries it only if it was built first")
+
+
+def sdk_bundle() -> Path | None:
+    return next((bundle for bundle in SDK_BUNDLES if bundle.exists()), None)
+
+
 async def page(request: Request) -> HTMLResponse:
-    return HTMLResponse(PAGE.read_text())
+    html = PAGE.read_text()
+    if sdk_bundle() is None:  # the page's one import would fail and leave it dead: say why on it
+        html = html.replace('<div id="nosdk" hidden>', '<div id="nosdk">', 1)
+    return HTMLResponse(html)
 
 
 async def sdk(request: Request) -> Response:
-    for bundle in SDK_BUNDLES:
-        if bundle.exists():
-            return FileResponse(bundle, media_type="text/javascript")
+    bundle = sdk_bundle()
+    if bundle is not None:
+        return FileResponse(bundle, media_type="text/javascript")
     return Response("// SDK not built: scripts/sdk-install (npm --prefix client-sdk ci && npm --prefix client-sdk run build)\n",
                     status_code=503, media_type="text/javascript")
 
@@ -129,6 +140,11 @@ routes = [
 
 def create_app() -> Starlette:
     """`paystream dev`'s app: the production app with the /demo routes (unauthenticated)."""
+    import logging
+
     from paystream.app import create_app as create_production_app
 
-    return create_production_app(extra_routes=routes)
+    app = create_production_app(extra_routes=routes)
+    if sdk_bundle() is None:
+        logging.getLogger("paystream.demo").warning(NO_SDK)
+    return app
