@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 
 from paystream.dev.localstripe import LocalStripe
-from tests import harness
+from tests import harness, stripe_emulator
 from tests.harness import SYSTEM_PG, FreshDatabase, system_reachable
 from tests.support import Paystream
 
@@ -40,7 +40,7 @@ class Server(harness.Server):
 
 @pytest.fixture(scope="session")
 def local_stripe() -> Iterator[LocalStripe]:
-    stripe = LocalStripe(harness.free_port(), ARTIFACTS).start()
+    stripe = LocalStripe(harness.free_port(), ARTIFACTS, module=stripe_emulator.MODULE, cwd=harness.ROOT).start()
     yield stripe
     stripe.stop()
 

@@ -41,8 +41,13 @@ def _die_with(parent: int) -> None:
 
 
 class LocalStripe:
-    def __init__(self, port: int, log_dir: Path | None = None, pid_file: Path | None = None) -> None:
+    def __init__(self, port: int, log_dir: Path | None = None, pid_file: Path | None = None,
+                 module: str = "paystream.dev.localstripe", cwd: Path | None = None) -> None:
+        """`module` is what runs it (`python -m module --port N`, in `cwd`): this one, or
+        one that adds resources to localstripe's app and then calls serve() (the tests'
+        emulator)."""
         self.port = port
+        self.module, self.cwd = module, cwd
         self.url = f"http://127.0.0.1:{port}"
         log_dir = log_dir or Path(tempfile.gettempdir())
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -60,8 +65,8 @@ class LocalStripe:
         guard = (lambda: _die_with(parent)) if (
             sys.platform == "linux" and threading.current_thread() is threading.main_thread()) else None
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "paystream.dev.localstripe", "--port", str(self.port)],
-            stdout=log, stderr=log, preexec_fn=guard)  # noqa: PLW1509 - no threads run it
+            [sys.executable, "-m", self.module, "--port", str(self.port)],
+            stdout=log, stderr=log, preexec_fn=guard, cwd=self.cwd)  # noqa: PLW1509 - no threads run it
         atexit.register(self.stop)
         if self.pid_file is not None:
             self.pid_file.write_text(json.dumps({"pid": self.proc.pid, "owner": parent}))
@@ -117,7 +122,7 @@ def _stop_leftover(pid_file: Path) -> None:
     print(f"paystream: stopped the localstripe (pid {pid}) an earlier run left", file=sys.stderr)
 
 
-def _serve(port: int) -> None:
+def serve(port: int) -> None:
     """localstripe's own start-up (--from-scratch), on 127.0.0.1 instead of every interface."""
     import logging
     import socket
@@ -139,4 +144,4 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(description="localstripe on 127.0.0.1, from scratch")
     parser.add_argument("--port", type=int, required=True)
-    _serve(parser.parse_args().port)
+    serve(parser.parse_args().port)
