@@ -17,6 +17,21 @@ const FACTORIES: Record<TransportName, TransportFactory> = { sse, ws, poll };
  *  anything gives up with a "transport" error (about 8 s of backoff). */
 const GIVE_UP_AFTER = 4;
 
+/** A refresh refused with 429 (its transaction read moments ago, or a rate limit) is asked
+ *  again at its Retry-After, at most this many times and only for a wait this short: the
+ *  read after the customer's 3-D Secure approval must not be lost to the one at Pay. */
+const REFRESH_RETRIES = 3;
+const REFRESH_RETRY_MAX_MS = 10000;
+
+/** Retry-After in milliseconds (seconds or an HTTP date), or undefined if it says neither. */
+function retryAfterMs(value: string | null): number | undefined {
+  if (value === null || value.trim() === "") return undefined;
+  const seconds = Number(value);
+  if (Number.isFinite(seconds)) return seconds >= 0 ? seconds * 1000 : undefined;
+  const at = Date.parse(value);
+  return Number.isNaN(at) ? undefined : Math.max(0, at - Date.now());
+}
+
 /** Exactly one of `token` and `getToken`. */
 export type Credentials =
   | {
@@ -44,7 +59,8 @@ export interface WatchBase {
   onTransport?(name: TransportName): void;
   /** Ask the server to read the payment from Stripe now, once, at the start: for the page
    *  the customer lands on after confirming (or after a 3-D Secure redirect), so the
-   *  outcome arrives before Stripe's webhook. */
+   *  outcome arrives before Stripe's webhook.  A refresh the server refuses with 429 is
+   *  asked again at its Retry-After (up to 3 times, each wait at most 10 s). */
   refresh?: boolean;
   /** Ask for that read again after this many milliseconds without news. */
   refreshAfterMs?: number;
@@ -71,17 +87,27 @@ export function watch(id: string, opts: WatchOptions): () => void {
   let transport: Transport | null = null;
   let timer: ReturnType<typeof setTimeout> | undefined;
   let quiet: ReturnType<typeof setTimeout> | undefined;
+  let refreshRetry: ReturnType<typeof setTimeout> | undefined;
   let ended = false;
 
-  // POST /refresh: the answer comes back through the stream like any change (a 429 or a
-  // Stripe error changes nothing, so it is ignored).
+  // POST /refresh: the answer comes back through the stream like any change.  A 429 is
+  // asked again at its Retry-After (bounded); a Stripe error changes nothing and is left
+  // to the webhook, or the next quiet period.
   const refresh = async () => {
-    try {
-      const token = await tokens.fresh();
-      await fetch(url(baseUrl, `/v1/transactions/${encodeURIComponent(id)}/refresh`, {}),
-        { method: "POST", headers: headers(token), cache: "no-store" });
-    } catch {
-      /* the webhook, or the next quiet period, brings it */
+    for (let tries = 0; !ended; tries += 1) {
+      let res: Response;
+      try {
+        const token = await tokens.fresh();
+        res = await fetch(url(baseUrl, `/v1/transactions/${encodeURIComponent(id)}/refresh`, {}),
+          { method: "POST", headers: headers(token), cache: "no-store" });
+        void res.body?.cancel().catch(() => undefined); // the news comes through the stream
+      } catch {
+        return;
+      }
+      const wait = res.status === 429 ? retryAfterMs(res.headers.get("retry-after")) : undefined;
+      if (wait === undefined || wait > REFRESH_RETRY_MAX_MS || tries >= REFRESH_RETRIES || ended) return;
+      // One retry pending per watch: a later refresh's wait replaces (and drops) an earlier one's.
+      await new Promise((resolve) => { clearTimeout(refreshRetry); refreshRetry = setTimeout(resolve, wait); });
     }
   };
   const rearm = () => {
@@ -95,6 +121,7 @@ export function watch(id: string, opts: WatchOptions): () => void {
     ended = true;
     clearTimeout(timer);
     clearTimeout(quiet);
+    clearTimeout(refreshRetry); // its refresh is never sent (the promise it awaited is dropped)
     transport?.close();
     transport = null;
     tokens.release();

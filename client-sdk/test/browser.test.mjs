@@ -91,3 +91,22 @@ test("3-D Secure with a server restart in the middle: the page recovers and show
   await page.screenshot({ path: join(ARTIFACTS, "demo-3ds-after-restart.png") });
   await page.close();
 });
+
+test("3-D Secure approved at once after Pay: succeeded comes from the refresh, well before the webhook", { skip }, async (t) => {
+  // Issue 22: the refresh after approval came within 2 s of Pay's and was refused 429, so
+  // the page waited for the webhook (about a second late at localstripe, 1-5 s at Stripe).
+  const { page } = await openDemo();
+  const refreshes = [];
+  page.on("request", (r) => { if (/\/refresh$/.test(r.url())) refreshes.push(Date.now()); });
+  await page.check('input[value="3ds"]');
+  await page.click("#pay");
+  await page.waitForSelector("li[data-status=requires_action]", { timeout: 15000 });
+  const approved = Date.now();
+  await page.click("#authenticate"); // the customer approves in the bank app at once
+  await page.waitForSelector("li[data-status=succeeded]", { timeout: 15000 });
+  t.diagnostic(`succeeded shown ${Date.now() - approved} ms after Approve`);
+  assert.equal(refreshes.length, 2, "Pay's refresh and the approval's");
+  assert.ok(refreshes[1] - refreshes[0] < 2000, `the approval came ${refreshes[1] - refreshes[0]} ms after Pay's refresh`);
+  assert.equal(await page.evaluate(() => window.lastCause), "paystream.refresh", "succeeded came from the refresh");
+  await page.close();
+});

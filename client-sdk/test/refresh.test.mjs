@@ -69,3 +69,33 @@ test("refreshAfterMs reads it again after that long without news", async () => {
   w.stop();
   assert.deepEqual(w.seen.at(-1), ["succeeded", "paystream.refresh"]);
 });
+
+test("a refused refresh is retried at its Retry-After, so the outcome still comes from it", { timeout: 20000 }, async () => {
+  // Issue 22: a refresh refused 429 (this transaction was read moments ago) was dropped, and
+  // the page waited for the webhook. Here no webhook can come: only the retry brings it.
+  const payment = await paidPayment();
+  const refresh = () => fetch(`${ps.url}/v1/transactions/${payment.id}/refresh`,
+    { method: "POST", headers: { Authorization: `Bearer ${payment.token}` } });
+  for (let i = 0; i < 2; i += 1) assert.equal((await refresh()).status, 200); // two in a row: the burst
+  assert.equal((await payment.confirm()).status, 200);
+  const sent = []; // each refresh the SDK sends, as [sent at, its answer]
+  const realFetch = globalThis.fetch;
+  globalThis.fetch = (input, init) => {
+    const res = realFetch(input, init);
+    if (String(input).endsWith("/refresh")) sent.push([Date.now(), res]);
+    return res;
+  };
+  try {
+    const w = statuses(payment.id, { token: payment.token, refresh: true });
+    await w.finished;
+    w.stop();
+    assert.deepEqual(w.seen.at(-1), ["succeeded", "paystream.refresh"]);
+  } finally {
+    globalThis.fetch = realFetch;
+  }
+  // The pushed outcome may arrive before the refresh's own answer: wait for the answers.
+  const answers = await Promise.all(sent.map(([at, res]) => res.then((r) => [r.status, r.headers.get("retry-after"), at])));
+  assert.deepEqual(answers.map(([status]) => status), [429, 200], JSON.stringify(answers));
+  const waited = answers[1][2] - answers[0][2];
+  assert.ok(waited >= Number(answers[0][1]) * 1000 - 50, `retried ${waited} ms after a Retry-After of ${answers[0][1]} s`);
+});

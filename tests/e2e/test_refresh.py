@@ -58,13 +58,15 @@ async def test_refresh_pushes_the_outcome_before_the_webhook_which_then_changes_
     assert await db.fetchval("SELECT count(*) FROM ledger_entries WHERE transaction_id = $1", txn_id) == 2
 
 
-async def test_a_second_refresh_within_two_seconds_is_429_with_retry_after(
+async def test_a_third_refresh_within_two_seconds_is_429_with_retry_after(
         ps: Paystream, stripe_js: StripeJs) -> None:
+    """Two in a row pass (Pay's refresh, then the one after 3-D Secure, issue 22)."""
     resp = await ps.http.post("/v1/transactions", headers=ps.backend,
                               json={"kind": "payment", "amount": 900, "currency": "usd"})
     txn_id = resp.json()["transaction"]["id"]
-    first = await ps.http.post(f"/v1/transactions/{txn_id}/refresh", headers=ps.backend)
-    assert first.status_code == 200 and first.json()["changed"] is False
+    for _ in range(2):
+        first = await ps.http.post(f"/v1/transactions/{txn_id}/refresh", headers=ps.backend)
+        assert first.status_code == 200 and first.json()["changed"] is False
     again = await ps.http.post(f"/v1/transactions/{txn_id}/refresh", headers=ps.backend)
     assert again.status_code == 429 and again.json()["error"]["code"] == "too_many_requests"
     assert 1 <= int(again.headers["retry-after"]) <= 2

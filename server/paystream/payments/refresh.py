@@ -4,8 +4,10 @@ cause.type = "paystream.refresh".  The page a customer lands on after confirming
 after a 3-D Secure redirect) learns the outcome without waiting 1-5 s for the webhook;
 the webhook that arrives later is then old news and changes nothing.
 
-Browsers call it, so it is bounded: one Stripe read per transaction per REFRESH_EVERY
-seconds; per caller, a share of PAYSTREAM_REFRESH_RATE for each stream token and a larger
+Browsers call it, so it is bounded: per transaction, two reads in a row, then one per
+REFRESH_EVERY seconds (the page refreshes at Pay and again when the customer approves 3-D
+Secure, often within a second or two: refusing that second read left the page waiting
+for the webhook); per caller, a share of PAYSTREAM_REFRESH_RATE for each stream token and a larger
 one for each client address, so that one caller cannot spend what other customers'
 refreshes need; and PAYSTREAM_REFRESH_RATE reads per second per process in all, so that
 no set of pages can spend the account's Stripe rate limit.  Beyond any of them, 429 with
@@ -30,6 +32,7 @@ from paystream.payments.stripe_api import StripeApi, StripeFailure
 from paystream.push.streams import read_covered
 
 REFRESH_EVERY = 2.0
+REFRESH_BURST = 2  # reads of one transaction in a row before REFRESH_EVERY applies
 _REMEMBERED = 100_000  # transactions, tokens and addresses whose last reads are kept
 # A caller's share of PAYSTREAM_REFRESH_RATE (20 a second by default): a token may burst 4
 # reads and go on at 1 a second (a page refreshes at Pay and after 3-D Secure, a customer
@@ -64,12 +67,12 @@ class Buckets:
 
 
 class RefreshLimits:
-    """The last read of each transaction, a bucket per token and per client address, and
-    one for the process (PAYSTREAM_REFRESH_RATE)."""
+    """A bucket per transaction, per token and per client address, and one for the
+    process (PAYSTREAM_REFRESH_RATE)."""
 
     def __init__(self, rate: float, every: float = REFRESH_EVERY) -> None:
         self.rate, self.every = rate, every
-        self._last: OrderedDict[str, float] = OrderedDict()
+        self._transactions = Buckets(REFRESH_BURST, 1 / every)
         self._tokens = Buckets(rate * TOKEN_SHARE[0], rate * TOKEN_SHARE[1])
         self._addresses = Buckets(rate * ADDRESS_SHARE[0], rate * ADDRESS_SHARE[1])
         self._process = Buckets(rate, rate)
@@ -81,9 +84,9 @@ class RefreshLimits:
         refresh costs the caller nothing, and each caller is refused by its own bounds
         before it can reach the process's."""
         now = time.monotonic()
-        last = self._last.get(txn_id)
-        if last is not None and now - last < self.every:
-            raise _too_many(self.every - (now - last), "this transaction was refreshed moments ago")
+        wait = self._transactions.wait(txn_id, now)
+        if wait > 0:
+            raise _too_many(wait, "this transaction was refreshed moments ago")
         checks = [(self._process, None, "refreshes are rate-limited on this server")]
         if address is not None:
             checks.insert(0, (self._addresses, address, "refreshes from this address are rate-limited"))
@@ -95,10 +98,7 @@ class RefreshLimits:
             raise _too_many(max(wait for wait, _ in refused), refused[0][1])
         for buckets, key, _message in checks:
             buckets.take(key, now)
-        self._last[txn_id] = now
-        self._last.move_to_end(txn_id)
-        while len(self._last) > _REMEMBERED:
-            self._last.popitem(last=False)
+        self._transactions.take(txn_id, now)
 
 
 def _too_many(wait: float, message: str) -> ApiError:
@@ -123,7 +123,8 @@ async def refresh(request: Request) -> JSONResponse:
     try:
         obj = await api.retrieve(row["stripe_id"])
     except StripeFailure as failure:
-        raise ApiError(502, failure.code, failure.message) from None
+        raise ApiError(503 if failure.status == 503 else 502, failure.code, failure.message,
+                       failure.headers) from None
     change = change_from_object(obj, stripe_now())
     changed = False
     if change is not None:
