@@ -114,7 +114,9 @@ async def _effects_for_database(active: Effects, url: str, effects_setting: str 
 
     from paystream import effects
 
-    conn = await asyncpg.connect(url, timeout=10)
+    # No statement cache: a few statements once, and through a transaction-mode pooler a
+    # named one may land on a session that already has one of that name.
+    conn = await asyncpg.connect(url, timeout=10, statement_cache_size=0)
     try:
         active = await effects.for_database(conn, effects_setting, outbound_url)
         await active.check(conn)

@@ -236,7 +236,7 @@ async def migrate(dsn: str, extra: Mapping[str, Path] | None = None,
     wanted = all_migrations(extra)
     # A session lock: through a transaction-mode pooler its unlock could reach another
     # session and leave the lock held forever, so this connection goes direct when it can.
-    conn = await asyncpg.connect(direct_url(dsn))
+    conn = await asyncpg.connect(direct_url(dsn), statement_cache_size=0)  # it may be the pooler
     try:
         await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
         await _version_table(conn)
