@@ -86,7 +86,7 @@ def create_app(settings: Settings | None = None, extra_routes: list[BaseRoute] |
             listener = PgListener(listen_dsn, probe_dsn=dsn)
         hub = Hub(pool, listener, queue_limit=settings.subscriber_queue_limit,
                   queue_bytes=settings.subscriber_buffer_bytes)
-        api = StripeApi(settings.stripe_api_key, settings.stripe_api_base) if settings.stripe_api_key else None
+        api = StripeApi.from_settings(settings) if settings.stripe_api_key else None
         recovery = backfiller = None
         app.state.refresh_limits = RefreshLimits(settings.refresh_rate)
         if api is not None:

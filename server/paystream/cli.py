@@ -316,7 +316,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     async def once() -> Report:
         pool = await db.create_pool(url, 2)
         try:
-            recovery = Recovery(pool, StripeApi(settings.stripe_api_key, settings.stripe_api_base),
+            recovery = Recovery(pool, StripeApi.from_settings(settings),
                                 stuck_after=timedelta(seconds=args.older_than),
                                 parked_expiry=timedelta(seconds=settings.parked_expiry_seconds))
             report = Report()
@@ -429,7 +429,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
         pool = await db.create_pool(url, 2)
         try:
             since = int(time.time()) - args.since if args.since is not None else None
-            report = await backfill(pool, StripeApi(settings.stripe_api_key, settings.stripe_api_base), since)
+            report = await backfill(pool, StripeApi.from_settings(settings), since)
             return report.as_json()
         finally:
             await pool.close()

@@ -48,6 +48,14 @@ class Settings(BaseSettings):
     # The sweeper re-checks processing / requires_action transactions older than this.
     stuck_after_seconds: float = Field(default=900, alias="PAYSTREAM_STUCK_AFTER")
     recovery_interval_seconds: float = Field(default=60, alias="PAYSTREAM_RECOVERY_INTERVAL")
+    # Calls to Stripe (paystream.payments.breaker): the timeout of one attempt (stripe-python
+    # makes up to three), the breaker's threshold of consecutive failures and how long it
+    # stays open before a probe, and the per-process budget in calls a second (Stripe
+    # documents 100 a second per endpoint in live mode).
+    stripe_timeout_seconds: float = Field(default=10, gt=0, alias="PAYSTREAM_STRIPE_TIMEOUT")
+    stripe_breaker_failures: int = Field(default=5, ge=1, alias="PAYSTREAM_STRIPE_BREAKER_FAILURES")
+    stripe_breaker_seconds: float = Field(default=30, gt=0, alias="PAYSTREAM_STRIPE_BREAKER_SECONDS")
+    stripe_rate: float = Field(default=80, gt=0, alias="PAYSTREAM_STRIPE_RATE")
     # How long an event naming a txn_ that is not written yet waits for it (parked) before
     # it expires (outcome `expired`).
     parked_expiry_seconds: float = Field(default=86400, gt=0, alias="PAYSTREAM_PARKED_EXPIRY")

@@ -32,6 +32,13 @@ WEBHOOKS = Counter("paystream_webhooks_total", "Verified Stripe webhooks by outc
 MISMATCHED = Counter("paystream_events_mismatched_total",
                      "Stripe events naming one of our transactions in metadata that do not match it "
                      "(another object already linked, or amount, currency or customer differ): kept, not applied")
+STRIPE_BREAKER = Gauge("paystream_stripe_breaker_state",
+                       "The circuit breaker in front of Stripe: 0 closed, 1 half-open (one probe call), "
+                       "2 open (calls fail at once with 503 stripe_unavailable)")
+STRIPE_BREAKER_CHANGES = Counter("paystream_stripe_breaker_changes_total",
+                                 "Moves of the Stripe circuit breaker, by the state moved to", ["state"])
+STRIPE_RATE_LIMITED = Counter("paystream_stripe_rate_limited_total",
+                              "429 answers from Stripe (calls paused for the time it asked)")
 IGNORED = Counter("paystream_events_ignored_total",
                   "Authentic Stripe events of a type paystream does not use: answered 200, stored with "
                   "outcome ignored", ["type"])

@@ -196,7 +196,10 @@ async def create_transaction(request: Request) -> JSONResponse:
     if key is not None and (not 1 <= len(key) <= 255 or "\x00" in key):
         raise ApiError(400, "bad_request", "Idempotency-Key must be 1 to 255 characters")
     status, body = await create(request.app.state, raw, key)
-    return JSONResponse(body, status_code=status)
+    headers = None
+    if status == 503 and request.app.state.stripe is not None:  # Stripe unavailable: when to come back
+        headers = {"Retry-After": str(max(1, math.ceil(request.app.state.stripe.breaker.retry_after())))}
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 async def create(state: State, raw: bytes, key: str | None) -> tuple[int, dict[str, Any]]:
@@ -205,6 +208,10 @@ async def create(state: State, raw: bytes, key: str | None) -> tuple[int, dict[s
     if api is None:
         raise ApiError(503, "stripe_not_configured", "STRIPE_API_KEY is not set on this server")
     req = _parse(raw)
+    if api.breaker.state == "open" and api.breaker.retry_after() > 0:
+        # Fail fast, before a transaction is written for a call that will not be made.
+        raise ApiError(503, "stripe_unavailable", "Stripe is unavailable (circuit breaker open); try again later",
+                       {"Retry-After": str(max(1, math.ceil(api.breaker.retry_after())))})
     pool: asyncpg.Pool = state.pool
     if key is None:
         async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn, conn.transaction():

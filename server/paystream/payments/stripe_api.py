@@ -3,25 +3,43 @@ derived from our transaction ids, and Stripe's errors turned into ours."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import stripe
 
+from paystream.payments.breaker import Breaker, Budget, Refused
+
 log = logging.getLogger("paystream.stripe_api")
 
 
 class StripeFailure(Exception):
-    """A Stripe call that failed, as the HTTP answer we give for it."""
+    """A Stripe call that failed, as the HTTP answer we give for it (with retry_after, in
+    seconds, when a call was not made or Stripe asked us to slow down: 503)."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
+        self.retry_after = retry_after
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
 
     def as_error(self) -> dict[str, str]:
         return {"code": self.code, "message": self.message}
+
+
+def _retry_after(exc: stripe.StripeError) -> float:
+    """Seconds Stripe asked us to wait (its Retry-After header), 1 if it did not say."""
+    try:
+        return min(60.0, max(0.0, float((exc.headers or {}).get("retry-after") or 1)))
+    except (TypeError, ValueError):
+        return 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,31 +50,73 @@ class Created:
 
 
 class StripeApi:
-    def __init__(self, api_key: str, api_base: str | None = None, timeout: float = 10) -> None:
+    def __init__(self, api_key: str, api_base: str | None = None, timeout: float = 10, *,
+                 breaker: Breaker | None = None, budget: Budget | None = None) -> None:
         self.client = stripe.StripeClient(
             api_key,
             base_addresses={"api": api_base} if api_base else None,
             http_client=stripe.HTTPXClient(timeout=timeout),
             max_network_retries=2,  # stripe-python retries with the same idempotency key
         )
+        # One of each per process (paystream.payments.breaker): every call goes through them.
+        self.breaker = breaker or Breaker()
+        self.budget = budget or Budget()
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> StripeApi:
+        return cls(settings.stripe_api_key, settings.stripe_api_base, settings.stripe_timeout_seconds,
+                   breaker=Breaker(settings.stripe_breaker_failures, settings.stripe_breaker_seconds),
+                   budget=Budget(settings.stripe_rate))
 
     async def _call(self, what: str, coro: Any) -> Any:
         try:
-            return await coro
-        except stripe.CardError as exc:
-            raise StripeFailure(402, "card_declined", exc.user_message or "the card was declined") from None
-        except stripe.InvalidRequestError as exc:
-            raise StripeFailure(400, "stripe_invalid_request",
-                                f"Stripe refused to {what}: {exc.user_message or exc}") from None
-        except (stripe.APIConnectionError, stripe.RateLimitError) as exc:
-            log.warning("Stripe unreachable while trying to %s: %s", what, exc)
-            raise StripeFailure(502, "stripe_unavailable", f"Stripe did not answer; could not {what}") from None
-        except stripe.AuthenticationError:
-            log.error("Stripe refused our API key while trying to %s", what)
-            raise StripeFailure(502, "stripe_misconfigured", "paystream's Stripe key was refused") from None
+            probe = self.breaker.before_call()
+        except Refused as refused:
+            coro.close()
+            raise StripeFailure(503, "stripe_unavailable", f"{refused}; could not {what}",
+                                retry_after=refused.retry_after) from None
+        try:
+            await self.budget.take()
+        except (Refused, asyncio.CancelledError) as exc:
+            self.breaker.abandoned(probe)
+            coro.close()
+            if isinstance(exc, Refused):
+                raise StripeFailure(503, "stripe_unavailable", f"{exc}; could not {what}",
+                                    retry_after=exc.retry_after) from None
+            raise
+        try:
+            result = await coro
+        except asyncio.CancelledError:
+            self.breaker.abandoned(probe)
+            raise
         except stripe.StripeError as exc:
-            log.warning("Stripe error while trying to %s: %s", what, exc)
-            raise StripeFailure(502, "stripe_error", f"Stripe failed to {what}") from None
+            raise self._failure(what, exc, probe) from None
+        self.breaker.succeeded(probe)
+        return result
+
+    def _failure(self, what: str, exc: stripe.StripeError, probe: bool) -> StripeFailure:
+        """Our answer for a failed call, with the breaker told whether Stripe was there."""
+        status = getattr(exc, "http_status", None)
+        if isinstance(exc, stripe.APIConnectionError) or (isinstance(status, int) and status >= 500):
+            self.breaker.failed_call(probe, f"{type(exc).__name__}: {exc}")
+            log.warning("Stripe unreachable while trying to %s: %s", what, exc)
+            return StripeFailure(502, "stripe_unavailable", f"Stripe did not answer; could not {what}")
+        self.breaker.succeeded(probe)  # Stripe answered: it is up, whatever it said
+        if isinstance(exc, stripe.CardError):
+            return StripeFailure(402, "card_declined", exc.user_message or "the card was declined")
+        if isinstance(exc, stripe.RateLimitError):
+            wait = _retry_after(exc)
+            self.budget.pause(wait)
+            log.warning("Stripe rate-limited us while trying to %s; pausing calls for %g s", what, wait)
+            return StripeFailure(503, "stripe_unavailable", f"Stripe asked us to slow down; could not {what}",
+                                 retry_after=max(1, math.ceil(wait)))
+        if isinstance(exc, stripe.InvalidRequestError):
+            return StripeFailure(400, "stripe_invalid_request", f"Stripe refused to {what}: {exc.user_message or exc}")
+        if isinstance(exc, stripe.AuthenticationError):
+            log.error("Stripe refused our API key while trying to %s", what)
+            return StripeFailure(502, "stripe_misconfigured", "paystream's Stripe key was refused")
+        log.warning("Stripe error while trying to %s: %s", what, exc)
+        return StripeFailure(502, "stripe_error", f"Stripe failed to {what}")
 
     async def create_payment_intent(self, txn_id: str, *, amount: int, currency: str,
                                     customer: str | None, capture_method: str,
@@ -131,3 +191,40 @@ class StripeApi:
     async def cancel_payment_intent(self, txn_id: str, pi_id: str, reason: str) -> Any:
         return await self._call("cancel the PaymentIntent", self.client.v1.payment_intents.cancel_async(
             pi_id, options={"idempotency_key": f"paystream-{txn_id}-cancel-{reason}"}))
+
+    # --- the merchant's webhook endpoint (`paystream stripe-endpoint`) ---------------
+
+    async def list_webhook_endpoints(self) -> list[dict[str, Any]]:
+        """Every webhook endpoint of the account, as plain JSON objects (no secrets: Stripe
+        shows an endpoint's secret only when it creates it)."""
+        found: list[dict[str, Any]] = []
+        after: str | None = None
+        while True:
+            params: dict[str, Any] = {"limit": 100}
+            if after:
+                params["starting_after"] = after
+            page = await self._call("list webhook endpoints",
+                                    self.client.v1.webhook_endpoints.list_async(params=params))
+            items = [item.to_dict() for item in page.data]
+            found.extend(items)
+            if not page.has_more or not items:
+                return found
+            after = items[-1]["id"]
+
+    async def create_webhook_endpoint(self, url: str, events: list[str], api_version: str,
+                                      description: str) -> dict[str, Any]:
+        """A new endpoint; the answer carries its signing secret (the only one that does)."""
+        endpoint = await self._call("create the webhook endpoint", self.client.v1.webhook_endpoints.create_async(
+            params={"url": url, "enabled_events": events, "api_version": api_version,
+                    "description": description}))
+        return endpoint.to_dict()
+
+    async def update_webhook_endpoint(self, endpoint_id: str, **params: Any) -> dict[str, Any]:
+        """url, enabled_events, description, disabled: Stripe fixes api_version at creation."""
+        endpoint = await self._call("update the webhook endpoint", self.client.v1.webhook_endpoints.update_async(
+            endpoint_id, params=params))
+        return endpoint.to_dict()
+
+    async def delete_webhook_endpoint(self, endpoint_id: str) -> None:
+        await self._call("delete the webhook endpoint",
+                         self.client.v1.webhook_endpoints.delete_async(endpoint_id))
