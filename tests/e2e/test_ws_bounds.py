@@ -189,3 +189,31 @@ async def test_sse_cursors_have_the_same_bound(ops: Paystream) -> None:
         assert refused.status_code == 400 and "999999999" in refused.json()["error"]["message"]
     async with ops.http.stream("GET", path, params={"token": token, "last_event_id": "999999999"}) as ok:
         assert ok.status_code == 200
+
+
+async def test_a_fragmented_message_over_the_bound_closes_with_1009(ops: Paystream) -> None:
+    """A message sent as many small fragments passes no single frame over the bound, but
+    their sum does.  websockets fails it with 1009 as for one large frame; uvicorn then
+    closed the socket at once while the client was still sending fragments, so the
+    client's next bytes drew a reset and it never read the close frame: 1006 (every
+    time with 100 fragments of 100 bytes).  Now the server stops sending, reads and
+    drops what is still coming, and the client sees 1009."""
+    token = ops.token(cus="cus_fragments")
+    limit = 4096  # PAYSTREAM_WS_MAX_MESSAGE's default, which own_server runs with
+
+    async def code_for(fragments: list[str]) -> int | None:
+        async with websockets.connect(ws_url(ops, token)) as ws:
+            try:
+                await ws.send(fragments)
+            except websockets.ConnectionClosed as exc:
+                return exc.rcvd.code if exc.rcvd else None
+            return await close_code(ws)
+
+    for count, size in ((100, 100), (400, 30), (8, 1000), (2, 3000)) * 3:  # a race before: more than one go
+        assert count * size > limit
+        assert await code_for(["x" * size] * count) == 1009, (count, size)
+    # Fragments of a message within the bound are joined and answered as one message.
+    message = json.dumps({"op": "subscribe", "id": "pi_" + "f" * 3000})
+    async with websockets.connect(ws_url(ops, token)) as ws:
+        await ws.send([message[i:i + 100] for i in range(0, len(message), 100)])
+        assert (await recv(ws))["code"] == "forbidden"

@@ -19,7 +19,7 @@ from paystream.changes import store
 from paystream.changes.lifecycle import FINAL
 from paystream.ops import metrics
 from paystream.push.hub import Hub
-from paystream.push.streams import cursor, flag, open_stream
+from paystream.push.streams import CLOSE_GRACE, abort, cursor, flag, open_stream
 from paystream.push.subscription import IDLE, Subscription
 
 log = logging.getLogger("paystream.sse")
@@ -36,13 +36,27 @@ class PushResponse(EventSourceResponse):
     full garbage collection.  Here the handler's own task writes what the generator
     yields; one plain task waits for the client to leave and closes the subscription,
     which ends the generator; and shutdown is one watcher per process (end_streams_on_
-    shutdown), not one per stream."""
+    shutdown), not one per stream.
+
+    A reader that stops reading fills the socket and blocks a send.  It is cut off when
+    that send has waited `send_timeout` seconds, or at once when its subscription closes
+    meanwhile (it overflowed, or the node shuts down); the end of the body then gets
+    CLOSE_GRACE seconds, and if it cannot be written the connection is aborted: closing
+    it (uvicorn's way) waited for the queued megabytes to be read, which was never.  One
+    log line says so; no traceback."""
 
     def __init__(self, content: AsyncIterator[bytes], sub: Subscription, on_close: Callable[[], None],
                  **kwargs: Any) -> None:
         super().__init__(content, **kwargs)
         self._sub = sub
         self._on_close = on_close
+        self._sending: asyncio.Timeout | None = None  # the deadline of the send in progress
+        sub.on_close = self._closed
+
+    def _closed(self, reason: str) -> None:
+        # A client that left unblocks the send itself; one cut off or shut down would not.
+        if reason != "gone" and self._sending is not None:
+            self._sending.reschedule(asyncio.get_running_loop().time())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Stream until the generator ends; then, however it ended (even before the
@@ -56,11 +70,42 @@ class PushResponse(EventSourceResponse):
                 return
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             watcher = asyncio.get_running_loop().create_task(_close_when_gone(receive, self._sub))
-            async for chunk in body:
-                # A reader that stops reading fills the socket and blocks this send.
-                async with asyncio.timeout(self.send_timeout):
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            stalled = False  # a send was given up on
+            try:
+                async for chunk in body:
+                    try:
+                        async with asyncio.timeout(self.send_timeout) as self._sending:
+                            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    finally:
+                        self._sending = None  # a deadline can only be moved while it runs
+            except TimeoutError:
+                stalled = True
+            aborted = False
+            try:
+                async with asyncio.timeout(CLOSE_GRACE if stalled else self.send_timeout):
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+            except TimeoutError:
+                aborted = True
+                # uvicorn's RequestResponseCycle (this receive's owner) holds the connection.
+                transport = getattr(getattr(receive, "__self__", None), "transport", None)
+                if transport is not None:
+                    abort(transport)
+                    # Return once uvicorn has seen it go (the watcher hears the disconnect), or
+                    # it reports a response left unfinished.
+                    await asyncio.wait((watcher,), timeout=CLOSE_GRACE)
+            if self._sub.reason == "overflow":
+                why = "too far behind"
+            elif stalled and self._sub.closed:  # ended (shut down) while a send was blocked
+                why = "not reading at the end of its stream" if aborted else ""
+            elif stalled or aborted:
+                why = f"not reading for {self.send_timeout:g} s"
+            else:
+                why = ""
+            if why:
+                client = scope.get("client")
+                log.warning("SSE stream to %s cut off, %s: %s", f"{client[0]}:{client[1]}" if client else "?",
+                            why, "connection aborted" if aborted else "body ended",
+                            extra={"transaction_id": self._sub.txn_id})
         finally:
             if watcher is not None:
                 watcher.cancel()

@@ -2,12 +2,17 @@
 opening a subscription.  Every stream opens the same way (open_subscription): register
 with the hub first, then read, so no event can fall between the read and the first
 push.  After that, what a client sees comes only from its Subscription: ordered by seq,
-never twice.
+never twice.  And every stream ends the same way: a client that does not read gets
+CLOSE_GRACE seconds for its last bytes, then its connection is aborted (abort).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import socket
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +25,24 @@ from paystream.changes import store
 from paystream.errors import ApiError
 from paystream.push.hub import Hub
 from paystream.push.subscription import Subscription
+
+# A stream that is ending (cut off, shut down, or done) waits at most this long for a client
+# that does not read to take its last bytes; then the connection is aborted.
+CLOSE_GRACE = 5.0
+
+
+def abort(transport: asyncio.BaseTransport) -> None:
+    """Drop a connection whose peer does not read, now, with everything queued for it.
+
+    A plain close() waits until every queued byte is written, which for such a peer is
+    never: the socket stayed open with megabytes queued in the process and in the kernel.
+    abort() drops the process's buffer; a zero linger makes the kernel send a reset and
+    drop its own buffer too, instead of keeping the data (and the socket) to deliver."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 def precheck(grant: Grant, any_id: str) -> None:

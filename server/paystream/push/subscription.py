@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 
 from paystream.ops import metrics
 
@@ -24,8 +25,8 @@ def _expire(waiter: asyncio.Future[Item | None]) -> None:
 class Subscription:
     """One stream's interest in one transaction, with a bounded queue of log rows."""
 
-    __slots__ = ("txn_id", "last_seq", "pending_seq", "closed", "reason", "_items", "_waiter", "_limit",
-                 "_bytes", "_byte_limit")
+    __slots__ = ("txn_id", "last_seq", "pending_seq", "closed", "reason", "on_close", "_items", "_waiter",
+                 "_limit", "_bytes", "_byte_limit")
 
     def __init__(self, txn_id: str, after: int | None, limit: int, byte_limit: int = 1 << 20) -> None:
         self.txn_id = txn_id
@@ -35,6 +36,9 @@ class Subscription:
         self.pending_seq = 0
         self.closed = False
         self.reason: str | None = None
+        # Called with the reason when it closes: a stream blocked writing to a client that
+        # does not read is not waiting in get(), and must hear of a cut-off all the same.
+        self.on_close: Callable[[str], None] | None = None
         self._items: deque[Item] | None = None  # made on the first row: most streams see one
         self._waiter: asyncio.Future[Item | None] | None = None
         self._limit = limit
@@ -63,6 +67,8 @@ class Subscription:
             self.closed = True
             self.reason = reason
             self._wake()
+            if self.on_close is not None:
+                self.on_close(reason)
 
     def _wake(self) -> None:
         waiter = self._waiter

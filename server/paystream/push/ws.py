@@ -19,7 +19,7 @@ from paystream.changes import store
 from paystream.errors import ApiError, error_response
 from paystream.ops import metrics
 from paystream.push.hub import Hub
-from paystream.push.streams import MAX_CURSOR, open_subscription
+from paystream.push.streams import CLOSE_GRACE, MAX_CURSOR, open_subscription
 from paystream.push.subscription import Subscription
 
 log = logging.getLogger("paystream.ws")
@@ -39,8 +39,9 @@ WS_CLOSE_RESTART = 1012
 # A socket opened without a token must send {"op":"auth"} within this many seconds.
 WS_AUTH_WINDOW = 5.0
 WS_SEND_TIMEOUT = 30.0
-# A client that does not read cannot take the close frame either: stop waiting for it then.
-WS_CLOSE_TIMEOUT = 5.0
+# A client that does not read cannot take the close frame either: the protocol
+# (ws_protocol) cuts it off after CLOSE_GRACE; this only bounds the wait if it did not.
+WS_CLOSE_TIMEOUT = CLOSE_GRACE + 5
 
 _ERROR_CODES = {401: "unauthorized", 403: "forbidden", 404: "not_found", 429: "too_many_streams"}
 
@@ -66,10 +67,16 @@ class WsSession:
     after `exp` is refused, and at `exp` the socket closes with 4001 unless an
     {"op":"auth"} message brought a fresh token first.  A socket opened with no credential
     at all starts with an empty grant that expires in WS_AUTH_WINDOW: its first message
-    must be `auth` (a refused token closes it with 4001 at once)."""
+    must be `auth` (a refused token closes it with 4001 at once).
+
+    A client that does not read is cut off with 4008 when a send has been blocked for
+    WS_SEND_TIMEOUT, or at once when one of its subscriptions overflows while a send is
+    blocked; the protocol then ends the connection within CLOSE_GRACE if the close frame
+    cannot be written, and the session gives back its stream at that disconnect.  One log
+    line says so; no traceback."""
 
     __slots__ = ("ws", "grant", "hub", "pumps", "send_lock", "lease", "expiry", "closing", "closer",
-                 "allowance", "stamp")
+                 "allowance", "stamp", "sending")
 
     def __init__(self, ws: WebSocket) -> None:
         self.ws = ws
@@ -80,6 +87,8 @@ class WsSession:
         self.expiry: asyncio.TimerHandle | None = None
         self.closing = False
         self.closer: asyncio.Task[None] | None = None
+        # The deadline of the send in progress, if one is: a subscription's overflow ends it.
+        self.sending: asyncio.Timeout | None = None
 
     async def run(self) -> None:
         ws = self.ws
@@ -174,10 +183,32 @@ class WsSession:
                 raise WebSocketDisconnect(1000)
             try:
                 # A client that stops reading blocks the send: give up on it after a while.
-                await asyncio.wait_for(self.ws.send_text(text), WS_SEND_TIMEOUT)
+                try:
+                    async with asyncio.timeout(WS_SEND_TIMEOUT) as self.sending:
+                        await self.ws.send_text(text)
+                finally:
+                    self.sending = None  # a deadline can only be moved while it runs
             except TimeoutError:
-                await self._close(WS_CLOSE_SLOW_CONSUMER, "not reading; resubscribe with after")
+                behind = any(entry[0].reason == "overflow" for entry in self.pumps.values())
+                await self.cut_off("too far behind" if behind else f"not reading for {WS_SEND_TIMEOUT:g} s")
                 raise WebSocketDisconnect(WS_CLOSE_SLOW_CONSUMER) from None
+
+    def lagging(self, reason: str) -> None:
+        """A subscription closed (Subscription.on_close): if it overflowed while a send is
+        blocked, the client is not reading; stop waiting for that send now."""
+        if reason == "overflow" and self.sending is not None:
+            self.sending.reschedule(asyncio.get_running_loop().time())
+
+    async def cut_off(self, why: str) -> None:
+        """Close with 4008 (under the send lock), with one log line."""
+        if self.closing:
+            return
+        client = self.ws.client
+        txns = sorted({entry[2][0] for entry in self.pumps.values()})
+        log.warning("WebSocket %s cut off, %s: closing with 4008 (subscriptions: %s)",
+                    f"{client.host}:{client.port}" if client else "?", why, ", ".join(self.pumps) or "none",
+                    extra={"transaction_id": ",".join(txns) or None})
+        await self._close(WS_CLOSE_SLOW_CONSUMER, f"{why}; resubscribe with after")
 
     async def close(self, code: int, reason: str) -> None:
         """Close once, after any send in progress (every exit goes through here)."""
@@ -230,7 +261,8 @@ class WsSession:
                 seq, _status, data = item
                 await self.send(f'{prefix}{seq},"data":{data}}}')
             if sub.reason == "overflow":
-                await self.close(WS_CLOSE_SLOW_CONSUMER, "too far behind; resubscribe with after")
+                async with self.send_lock:
+                    await self.cut_off("too far behind")
             elif sub.reason == "shutdown":  # subscribed while the node drains: go elsewhere now
                 self.shutdown()
         except WebSocketDisconnect:
@@ -251,6 +283,7 @@ class WsSession:
         if self.grant.expired():
             raise ApiError(401, "unauthorized", "the token has expired; send a fresh one with op auth")
         row, sub = await open_subscription(self.ws, client_id, self.grant, after)
+        sub.on_close = self.lagging
         if after is None:
             try:
                 await self.send({"op": "snapshot", "id": client_id, "seq": row["seq"], "data": store.render(row)})
