@@ -1,4 +1,4 @@
-"""`paystream …`: dev, serve, migrate, reconcile, events, deliveries, token, trigger."""
+"""`paystream …`: dev, serve, migrate, reconcile, events, deliveries, token, trigger, stripe-endpoint."""
 
 from __future__ import annotations
 
@@ -509,6 +509,32 @@ def cmd_trigger(args: argparse.Namespace) -> int:
     return 0 if resp.is_success else 1
 
 
+def cmd_stripe_endpoint(args: argparse.Namespace) -> int:
+    from paystream.config import Settings
+    from paystream.payments import endpoint
+    from paystream.payments.stripe_api import StripeApi, StripeFailure
+
+    settings = Settings()
+    if not settings.stripe_api_key:
+        print("paystream stripe-endpoint: STRIPE_API_KEY is not set", file=sys.stderr)
+        return 2
+    if not args.url.startswith(("https://", "http://")):
+        print(f"paystream stripe-endpoint: {args.url!r} is not an http(s) URL", file=sys.stderr)
+        return 2
+    api = StripeApi(settings.stripe_api_key, settings.stripe_api_base)
+    try:
+        report = asyncio.run(endpoint.ensure(api, args.url, check=args.check, recreate=args.recreate))
+    except StripeFailure as failure:
+        print(f"paystream stripe-endpoint: {failure.message}", file=sys.stderr)
+        return 1
+    for line in report.lines:
+        print(line)
+    if report.secret:
+        # Shown by Stripe only now: the one chance to keep it.
+        print(f"signing secret (set STRIPE_WEBHOOK_SECRET to it; Stripe will not show it again): {report.secret}")
+    return 1 if report.differs else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from paystream.dev.trigger import TRIGGERABLE
 
@@ -655,6 +681,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", default=None,
                    help="webhook URL (default http://127.0.0.1:$PORT/v1/stripe/webhook)")
     p.set_defaults(func=cmd_trigger)
+    p = sub.add_parser("stripe-endpoint", help="create or update your webhook endpoint at Stripe",
+                       description="Create, or update, the Stripe webhook endpoint for URL (your "
+                       "public https://…/v1/stripe/webhook) with exactly the event types paystream "
+                       "reads and the API version it reads them in, enabled. Found by its URL: running "
+                       "it again updates that endpoint, never adds one. On creation it prints the "
+                       "signing secret, once (Stripe shows it only then): set STRIPE_WEBHOOK_SECRET "
+                       "to it. Needs STRIPE_API_KEY (and STRIPE_API_BASE for a Stripe stand-in). "
+                       "Exits 1 if something still differs, 2 without STRIPE_API_KEY.")
+    p.add_argument("url", metavar="URL", help="the endpoint's URL, e.g. https://pay.example.com/v1/stripe/webhook")
+    p.add_argument("--check", action="store_true",
+                   help="change nothing: say what differs on the existing endpoint (exit 1 if anything does)")
+    p.add_argument("--recreate", action="store_true",
+                   help="replace the endpoint when its API version differs (Stripe cannot change it in "
+                        "place; the new endpoint has a new signing secret)")
+    p.set_defaults(func=cmd_stripe_endpoint)
     return parser
 
 

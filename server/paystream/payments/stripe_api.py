@@ -228,3 +228,40 @@ class StripeApi:
     async def delete_webhook_endpoint(self, endpoint_id: str) -> None:
         await self._call("delete the webhook endpoint",
                          self.client.v1.webhook_endpoints.delete_async(endpoint_id))
+
+    # --- the merchant's webhook endpoint (`paystream stripe-endpoint`) ---------------
+
+    async def list_webhook_endpoints(self) -> list[dict[str, Any]]:
+        """Every webhook endpoint of the account, as plain JSON objects (no secrets: Stripe
+        shows an endpoint's secret only when it creates it)."""
+        found: list[dict[str, Any]] = []
+        after: str | None = None
+        while True:
+            params: dict[str, Any] = {"limit": 100}
+            if after:
+                params["starting_after"] = after
+            page = await self._call("list webhook endpoints",
+                                    self.client.v1.webhook_endpoints.list_async(params=params))
+            items = [item.to_dict() for item in page.data]
+            found.extend(items)
+            if not page.has_more or not items:
+                return found
+            after = items[-1]["id"]
+
+    async def create_webhook_endpoint(self, url: str, events: list[str], api_version: str,
+                                      description: str) -> dict[str, Any]:
+        """A new endpoint; the answer carries its signing secret (the only one that does)."""
+        endpoint = await self._call("create the webhook endpoint", self.client.v1.webhook_endpoints.create_async(
+            params={"url": url, "enabled_events": events, "api_version": api_version,
+                    "description": description}))
+        return endpoint.to_dict()
+
+    async def update_webhook_endpoint(self, endpoint_id: str, **params: Any) -> dict[str, Any]:
+        """url, enabled_events, description, disabled: Stripe fixes api_version at creation."""
+        endpoint = await self._call("update the webhook endpoint", self.client.v1.webhook_endpoints.update_async(
+            endpoint_id, params=params))
+        return endpoint.to_dict()
+
+    async def delete_webhook_endpoint(self, endpoint_id: str) -> None:
+        await self._call("delete the webhook endpoint",
+                         self.client.v1.webhook_endpoints.delete_async(endpoint_id))
