@@ -14,6 +14,8 @@ from typing import Any
 import asyncpg
 from ulid import ULID
 
+from paystream.ingest import checkout
+
 CHANNEL = "paystream"
 
 TXN_COLUMNS = (
@@ -38,7 +40,7 @@ def timestamp(value: datetime) -> str:
 
 def render(row: asyncpg.Record | dict[str, Any]) -> dict[str, Any]:
     """The contract's transaction JSON."""
-    return {
+    data = {
         "id": row["id"],
         "stripe_id": row["stripe_id"],
         "kind": row["kind"],
@@ -54,6 +56,9 @@ def render(row: asyncpg.Record | dict[str, Any]) -> dict[str, Any]:
         "seq": row["seq"],
         "updated_at": timestamp(row["updated_at"]),
     }
+    if row["kind"] == "checkout":
+        data.update(checkout.session_fields(row["status"], row["last_error"], row["amount"]))
+    return data
 
 
 # --- stripe_events -------------------------------------------------------------------

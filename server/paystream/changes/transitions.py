@@ -12,7 +12,7 @@ from typing import Any
 import asyncpg
 
 from paystream import effects
-from paystream.changes import store
+from paystream.changes import follows, store
 from paystream.changes.lifecycle import Change, State, decide
 from paystream.ingest.stripe_events import Meaning, interpret
 from paystream.ops import metrics
@@ -60,6 +60,8 @@ async def apply(conn: asyncpg.Connection, row: asyncpg.Record | dict[str, Any], 
                                  event_type=cause_type, data=data,
                                  finish_event=finish_event and k == len(decision.moves) - 1)
         row = moved
+    if decision.moves and row["status"] in follows.FOLLOWED_STATUSES:
+        await follows.propagate(conn, row, apply, stripe_event_id=stripe_event_id, cause_type=cause_type)
     return bool(decision.moves), row
 
 
@@ -101,6 +103,15 @@ async def route_event(conn: asyncpg.Connection, event: dict[str, Any], meaning: 
     `meaning` and `locked` (its stripe_id's row, already locked) spare the webhook's hot
     path a repeat; the third value says the event row was already marked applied."""
     meaning = meaning or interpret(event)
+    routed = await _route(conn, event, meaning, locked)
+    if meaning.follows and routed[1] is not None and routed[0] != "parked":
+        await follows.record(conn, routed[1], meaning.follows, apply, stripe_event_id=event["id"],
+                             cause_type=event["type"])
+    return routed
+
+
+async def _route(conn: asyncpg.Connection, event: dict[str, Any], meaning: Meaning,
+                 locked: asyncpg.Record | None) -> tuple[str, str | None, bool]:
     if meaning.stripe_id is None:
         return "unrouted", None, False
     row = locked or await store.lock_by_stripe_id(conn, meaning.stripe_id) or await store.lock_by_link(

@@ -14,9 +14,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from paystream.changes.lifecycle import KINDS, RANK, Change
+from paystream.ingest import checkout
 
 # Families whose every type we accept (store, link, maybe move); anything else is refused.
-SUPPORTED_PREFIXES = ("payment_intent.", "charge.", "refund.", "invoice.", "setup_intent.")
+SUPPORTED_PREFIXES = ("payment_intent.", "charge.", "refund.", "invoice.", "setup_intent.", "checkout.")
 
 
 class MalformedEvent(ValueError):
@@ -59,6 +60,9 @@ class Meaning:
     # `amount` is the linked object's own (the event is about the PaymentIntent or
     # invoice itself, not a charge, refund or dispute of it).
     target_amount: bool = False
+    # Objects whose own transactions this one follows without speaking for them (a
+    # Checkout Session's PaymentIntent): see changes/follows.py.
+    follows: tuple[str, ...] = ()
 
     @property
     def transaction_ref(self) -> str | None:
@@ -325,6 +329,13 @@ def _intent_change(etype: str, obj: dict[str, Any], at: datetime, statuses: dict
     return Change(status, at) if status else None
 
 
+def _checkout_session(event: dict[str, Any], obj: dict[str, Any], at: datetime) -> Meaning:
+    meaning = _base(obj, obj["id"], checkout.change_of(event["type"], obj, at), "checkout")
+    followed = (_id(obj.get(name)) for name in checkout.FOLLOWED_FIELDS)
+    return replace(meaning, amount=_amount(obj.get("amount_total"), "amount_total"),
+                   follows=tuple(_storable(i, "a followed id") for i in followed if i))
+
+
 def interpret(event: dict[str, Any]) -> Meaning:
     """What this (envelope-checked, supported) event does."""
     obj = event["data"]["object"]
@@ -338,4 +349,6 @@ def interpret(event: dict[str, Any]) -> Meaning:
         return _refund(event, obj, at)
     if etype.startswith("invoice."):
         return _invoice(event, obj, at)
+    if etype.startswith("checkout."):
+        return _checkout_session(event, obj, at) if obj.get("object") == "checkout.session" else Meaning(None, None)
     return _setup_intent(event, obj, at)

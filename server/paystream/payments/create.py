@@ -60,8 +60,13 @@ class CreateTransaction(BaseModel):
     capture_method: Literal["automatic", "manual"] | None = None
     metadata: dict[str, str] = Field(default_factory=dict, max_length=40)
     coupon: str | None = Field(default=None, min_length=1, max_length=255)  # invoices only
+    # Checkout Sessions only (kind "checkout"): see _checked_checkout.
+    mode: Literal["payment", "subscription", "setup"] | None = None
+    success_url: str | None = Field(default=None, min_length=1, max_length=2048)
+    cancel_url: str | None = Field(default=None, min_length=1, max_length=2048)
+    price: str | None = Field(default=None, min_length=1, max_length=255)
 
-    @field_validator("customer_id", "coupon")
+    @field_validator("customer_id", "coupon", "success_url", "cancel_url", "price")
     @classmethod
     def _text(cls, value: str | None) -> str | None:
         if value is not None and "\x00" in value:
@@ -84,7 +89,11 @@ class CreateTransaction(BaseModel):
         """The rules across fields, common ones first (a kind never skips them)."""
         if self.coupon and self.kind != "invoice":
             raise ApiError(400, "bad_request", "coupon applies to invoices only")
+        if self.kind != "checkout" and (self.mode or self.success_url or self.cancel_url):
+            raise ApiError(400, "bad_request", "mode, success_url and cancel_url apply to checkout only")
         req = self.model_copy(update={"currency": self.currency.lower()})
+        if req.kind == "checkout":
+            return _checked_checkout(req)
         if req.kind == "card_validation":
             if req.amount not in (None, CARD_VALIDATION_AMOUNT) or req.capture_method == "automatic":
                 raise ApiError(400, "bad_request", "a card validation is a $1 (amount 100) manual capture")
@@ -94,6 +103,30 @@ class CreateTransaction(BaseModel):
         if req.kind in ("wallet_top_up", "invoice") and not req.customer_id:
             raise ApiError(400, "bad_request", f"a {req.kind} needs customer_id")
         return req
+
+
+def _checked_checkout(req: CreateTransaction) -> CreateTransaction:
+    """A Checkout Session: a mode, where the customer goes after it (success_url may
+    carry Stripe's {CHECKOUT_SESSION_ID}), and what it sells: one `price`, or `amount` in
+    `currency`, in payment mode; a recurring `price` in subscription mode; nothing in
+    setup mode (Stripe refuses a price of the wrong kind for the mode: 400)."""
+    if req.mode is None:
+        raise ApiError(400, "bad_request", "a checkout needs mode: payment, subscription or setup")
+    for name in ("success_url", "cancel_url"):
+        url = getattr(req, name)
+        if url is None:
+            raise ApiError(400, "bad_request", f"a checkout needs {name}")
+        if not url.startswith(("https://", "http://")) or any(c in url for c in " \t\r\n"):
+            raise ApiError(400, "bad_request", f"{name} must be an absolute http(s) URL")
+    if req.capture_method is not None:
+        raise ApiError(400, "bad_request", "capture_method does not apply to a checkout")
+    if req.mode == "payment" and (req.amount is None) == (req.price is None):
+        raise ApiError(400, "bad_request", "a payment-mode checkout needs either amount (and currency) or price")
+    if req.mode == "subscription" and (req.price is None or req.amount is not None):
+        raise ApiError(400, "bad_request", "a subscription-mode checkout needs a recurring price and no amount")
+    if req.mode == "setup" and (req.price is not None or req.amount is not None):
+        raise ApiError(400, "bad_request", "a setup-mode checkout takes no amount or price")
+    return req
 
 
 def _parse(raw: bytes) -> CreateTransaction:
@@ -280,17 +313,34 @@ async def _call_stripe(state: State, api: StripeApi, req: CreateTransaction, row
         await store.set_stripe_id(conn, txn_id, created.stripe_id)
         for linked in created.links:
             await store.link(conn, linked, txn_id)
+        if created.amount is not None:  # a session priced by Stripe: its total is known now
+            await conn.execute("UPDATE transactions SET amount = $2, currency = $3 WHERE id = $1",
+                               txn_id, created.amount, created.currency or row["currency"])
         row = await store.get_transaction(conn, txn_id)
         token, _ = tokens.mint(state.settings.paystream_token_secret,
                                txn=[txn_id, created.stripe_id],
                                ttl_seconds=min(3600, state.settings.max_token_ttl))
-        body = {"transaction": store.render(row), "client_secret": created.client_secret, "stream_token": token}
+        if row["kind"] == "checkout":
+            body = {"transaction": store.render(row), "url": created.url, "stream_token": token}
+        else:
+            body = {"transaction": store.render(row), "client_secret": created.client_secret,
+                    "stream_token": token}
         await _answer(conn, key, claim, 201, body)
     return 201, body
 
 
 async def _create_at_stripe(api: StripeApi, row: asyncpg.Record, req: CreateTransaction) -> Created:
     metadata = {**req.metadata, "transaction_id": row["id"], "paystream_kind": req.kind}
+    if req.kind == "checkout":
+        assert req.mode and req.success_url and req.cancel_url
+        session = await api.create_checkout_session(
+            row["id"], mode=req.mode, success_url=req.success_url, cancel_url=req.cancel_url,
+            amount=req.amount, currency=row["currency"], price=req.price, customer=req.customer_id,
+            metadata=metadata)
+        total = session.amount_total
+        return Created(session.id, None, url=session.url,
+                       amount=total if isinstance(total, int) and total >= 0 else None,
+                       currency=(session.currency or "").lower() or None)
     if req.kind == "invoice":
         assert req.customer_id is not None
         return await api.create_invoice(row["id"], amount=row["amount"], currency=row["currency"],

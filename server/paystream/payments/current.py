@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from paystream.changes.lifecycle import RANK, Change
+from paystream.ingest import checkout
 
 # An invoice's status, as ours (draft and open: nothing paid yet, no news).
 _INVOICE_STATUS = {"paid": "succeeded", "void": "canceled"}
@@ -40,8 +41,14 @@ def change_from_payment_intent(pi: Any, at: datetime) -> Change | None:
 
 
 def change_from_object(obj: Any, at: datetime) -> Change | None:
-    """A PaymentIntent, SetupIntent or invoice as we would have it after its events."""
+    """A PaymentIntent, SetupIntent, invoice or Checkout Session as we would have it
+    after its events."""
     kind = _get(obj, "object")
+    if kind == "checkout.session":
+        # A session whose delayed payment failed stays `complete` and `unpaid` at Stripe:
+        # read as processing, which changes nothing once the failure made it canceled.
+        status = checkout.status_of(_get(obj, "status"), _get(obj, "payment_status"))
+        return Change(status, at) if status else None
     if kind == "invoice":
         status = _INVOICE_STATUS.get(_get(obj, "status"))
         return Change(status, at) if status else None

@@ -47,6 +47,23 @@ class Created:
     stripe_id: str
     client_secret: str | None
     links: tuple[str, ...] = ()
+    url: str | None = None  # a Checkout Session's hosted page
+    amount: int | None = None  # what Stripe priced it at, when it set the price
+    currency: str | None = None
+
+
+async def _checkout_refusals(coro: Any) -> Any:
+    """Stripe's `resource_missing` for a session's price or customer, as a precise 400
+    (unknown_price, unknown_customer) rather than a generic refusal."""
+    try:
+        return await coro
+    except stripe.InvalidRequestError as exc:
+        param = exc.param or ""
+        if exc.code == "resource_missing" and "price" in param:
+            raise StripeFailure(400, "unknown_price", exc.user_message or "no such price") from None
+        if exc.code == "resource_missing" and param == "customer":
+            raise StripeFailure(400, "unknown_customer", exc.user_message or "no such customer") from None
+        raise
 
 
 class StripeApi:
@@ -169,8 +186,35 @@ class StripeApi:
             return await self._call("read the invoice", v1.invoices.retrieve_async(stripe_id))
         if stripe_id.startswith("seti_"):
             return await self._call("read the SetupIntent", v1.setup_intents.retrieve_async(stripe_id))
+        if stripe_id.startswith("cs_"):
+            return await self.retrieve_checkout_session(stripe_id)
         return await self._call("read the PaymentIntent", v1.payment_intents.retrieve_async(
             stripe_id, params={"expand": ["latest_charge"]}))
+
+    async def create_checkout_session(self, txn_id: str, *, mode: str, success_url: str, cancel_url: str,
+                                      amount: int | None, currency: str, price: str | None,
+                                      customer: str | None, metadata: dict[str, str]) -> Any:
+        """A Checkout Session (Stripe's hosted page) for one line: `price`, or `amount` in
+        `currency`; none in setup mode.  Its metadata names our transaction, so its events
+        find it.  Stripe's refusals of the price or customer become their own codes."""
+        params: dict[str, Any] = {"mode": mode, "success_url": success_url, "cancel_url": cancel_url,
+                                  "metadata": metadata}
+        if price is not None:
+            params["line_items"] = [{"price": price, "quantity": 1}]
+        elif amount is not None:
+            params["line_items"] = [{"quantity": 1, "price_data": {
+                "currency": currency, "unit_amount": amount, "product_data": {"name": f"paystream {txn_id}"}}}]
+        else:
+            params["currency"] = currency  # setup mode: the currency of the payments to come
+        if customer:
+            params["customer"] = customer
+        return await self._call("create a Checkout Session", _checkout_refusals(
+            self.client.v1.checkout.sessions.create_async(
+                params=params, options={"idempotency_key": f"paystream-{txn_id}-checkout"})))
+
+    async def retrieve_checkout_session(self, session_id: str) -> Any:
+        return await self._call("read the Checkout Session",
+                                self.client.v1.checkout.sessions.retrieve_async(session_id))
 
     async def list_events(self, created_gte: int, page_size: int = 100) -> AsyncIterator[dict[str, Any]]:
         """Every event Stripe keeps created at or after `created_gte`, newest first, as
