@@ -21,7 +21,7 @@ def stripe_now() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
 
 # What a transaction is (the schema's transactions.kind CHECK lists the same).
-KINDS: tuple[str, ...] = ("payment", "card_validation", "wallet_top_up", "invoice")
+KINDS: tuple[str, ...] = ("payment", "card_validation", "wallet_top_up", "invoice", "checkout")
 
 RANK: dict[str, int] = {
     "requires_payment_method": 0,
