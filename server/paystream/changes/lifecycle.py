@@ -137,6 +137,10 @@ def decide(current: State, change: Change) -> Decision:
             return Decision((Change(current.status, change.at, last_error=change.refund_error,
                                     amount_refunded=current.amount_refunded),))
         return IGNORE
+    if change.status == "canceled" and change.declined and is_pre_success(current.status):
+        # A failure that ends the attempt for good (a Checkout Session's delayed payment
+        # failed: no retry on that session), newer or older than the step it ends.
+        return Decision((change,))
     if not (is_pre_success(current.status) and is_pre_success(change.status)):
         if change.status == current.status and change.amount_refunded is not None:
             # Several partial refunds: Stripe reports a growing total; a smaller one is late.
