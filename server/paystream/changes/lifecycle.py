@@ -1,184 +1,56 @@
-"""The status state machine: ranks, allowed transitions, and which late event wins.
+"""Each kind's state machine, by kind: the payment machine (machine_payment.py) for
+PaymentIntents, SetupIntents and invoices, the subscription machine
+(machine_subscription.py) for subscriptions; both behind machine.Machine.
 
-Mirrors paystream_transition_allowed() in db/migrations/001_core.sql; the database
-refuses anything this module would refuse, so a bug here cannot corrupt a status.
+The database's transition check (db/migrations) dispatches on the kind the same way and
+refuses anything the kind's machine would refuse, so a bug cannot corrupt a status.
+Names the payment machine has always exported are re-exported here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any
-
-# The time of a status our own API sets before Stripe has said anything: earlier than
-# any Stripe event, so none of them is mistaken for a late one.
-BEFORE_STRIPE = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def stripe_now() -> datetime:
-    """Now, at Stripe's whole-second granularity, for changes paystream itself observes
-    (a reconcile, a release): the same tie rules then apply as between Stripe's events."""
-    return datetime.now(UTC).replace(microsecond=0)
+from paystream.changes import machine_payment, machine_subscription
+from paystream.changes.machine import (  # noqa: F401  # re-exported
+    BEFORE_STRIPE,
+    IGNORE,
+    Change,
+    Decision,
+    Machine,
+    State,
+    stripe_now,
+)
+from paystream.changes.machine_payment import (  # noqa: F401  # re-exported
+    DISPUTE_FUNDS_WITHDRAWN,
+    FINAL,
+    INFERRED_DECLINE,
+    RANK,
+    REFUNDABLE,
+    STATUSES,
+    SUCCEEDED_RANK,
+    decide,
+    dispute_stage,
+    is_pre_success,
+    transition_allowed,
+)
 
 # What a transaction is (the schema's transactions.kind CHECK lists the same).
-KINDS: tuple[str, ...] = ("payment", "card_validation", "wallet_top_up", "invoice", "checkout")
+KINDS: tuple[str, ...] = ("payment", "card_validation", "wallet_top_up", "invoice", "subscription",
+                          "checkout")
 
-RANK: dict[str, int] = {
-    "requires_payment_method": 0,
-    "requires_confirmation": 1,
-    "requires_action": 2,
-    "processing": 3,
-    "requires_capture": 4,
-    "succeeded": 5,
-    "canceled": 5,
-    "partially_refunded": 6,
-    "refunded": 7,
-    "disputed": 8,
-}
-STATUSES: tuple[str, ...] = tuple(RANK)
-SUCCEEDED_RANK = RANK["succeeded"]
-
-# A browser waiting on one of these has its answer; streams close after them.
-FINAL: frozenset[str] = frozenset({"succeeded", "canceled", "refunded"})
+MACHINES: dict[str, Machine] = {kind: machine_payment.MACHINE for kind in KINDS}
+MACHINES["subscription"] = machine_subscription.MACHINE
 
 
-REFUNDABLE: frozenset[str] = frozenset({"succeeded", "partially_refunded", "refunded", "disputed"})
+def machine_for(kind: str) -> Machine:
+    return MACHINES.get(kind, machine_payment.MACHINE)
 
 
-def is_pre_success(status: str) -> bool:
-    return RANK[status] < SUCCEEDED_RANK
+# Every status of every kind, for validating what a client may ask for (?await=).
+ALL_STATUSES: tuple[str, ...] = tuple(dict.fromkeys(s for m in (machine_payment.MACHINE, machine_subscription.MACHINE)
+                                                    for s in m.statuses))
 
-
-def transition_allowed(old: str, new: str, declined: bool) -> bool:
-    if old == new:
-        return True
-    if old == "canceled":
-        return False
-    if new == "canceled":
-        return is_pre_success(old)
-    if new == "requires_payment_method" and declined:
-        return is_pre_success(old)
-    return RANK[new] > RANK[old]
-
-
-@dataclass(frozen=True, slots=True)
-class Change:
-    """What one Stripe event says about a transaction's status."""
-
-    status: str
-    at: datetime  # the Stripe event's `created`
-    last_error: dict[str, Any] | None = None
-    amount_refunded: int | None = None  # charge.refunded: the running total Stripe reports
-    refund_error: dict[str, Any] | None = None  # refund.failed: the status stays, the error shows
-    dispute: dict[str, Any] | None = None  # charge.dispute.*: {id, amount, currency, status}
-
-    @property
-    def declined(self) -> bool:
-        return self.last_error is not None
-
-
-@dataclass(frozen=True, slots=True)
-class State:
-    status: str
-    at: datetime | None
-    last_error: dict[str, Any] | None = None
-    amount_refunded: int = 0
-    dispute: dict[str, Any] | None = None
-
-
-# Stripe moves a PaymentIntent down only through a failed attempt.  A newer event at a
-# lower rank than the one we hold proves an attempt failed in between, even if that
-# decline event has not reached us (yet): we log the decline, then the step.
-INFERRED_DECLINE: dict[str, Any] = {
-    "code": "attempt_failed",
-    "message": "an earlier payment attempt failed (inferred from a later retry)",
-}
-
-
-# A dispute's progress, as far as the money goes: an inquiry (no funds withdrawn yet),
-# a chargeback (funds withdrawn), closed (won, lost, or an inquiry closed).  A dispute's
-# own status moves through these in order; later Stripe statuses within one stage
-# (needs_response → under_review) are not news for the browser or the ledger.
-_DISPUTE_STAGE = {"warning_needs_response": 0, "warning_under_review": 0, "needs_response": 1,
-                  "under_review": 1, "warning_closed": 2, "won": 2, "lost": 2}
-DISPUTE_FUNDS_WITHDRAWN = frozenset({"needs_response", "under_review", "won", "lost"})
-
-
-def dispute_stage(dispute: dict[str, Any] | None) -> int:
-    if dispute is None:
-        return -1
-    return _DISPUTE_STAGE.get(str(dispute.get("status")), 1)  # an unknown status: an open chargeback
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    moves: tuple[Change, ...] = ()  # status changes to log, in order
-    touch: bool = False  # nothing visible changes, but the state is now this recent
-
-
-IGNORE = Decision()
-
-
-def decide(current: State, change: Change) -> Decision:
-    """What one event does to a transaction, given what it already holds.
-
-    Stripe delivers in any order, so the result may depend only on the set of events,
-    never on their arrival order:
-    * success and everything after it wins over anything before it; ranks only grow;
-    * before success, the newest event says where the attempt stands (a customer can
-      fail and retry, so ranks alone cannot order them).  Stripe's timestamps are whole
-      seconds: in a tie a decline wins (a step then its failure in one second is the
-      usual case), then the higher rank.
-    """
-    if change.dispute is not None:
-        return _decide_dispute(current, change)
-    if change.refund_error is not None:
-        if current.status in REFUNDABLE and current.last_error != change.refund_error:
-            return Decision((Change(current.status, change.at, last_error=change.refund_error,
-                                    amount_refunded=current.amount_refunded),))
-        return IGNORE
-    if change.status == "canceled" and change.declined and is_pre_success(current.status):
-        # A failure that ends the attempt for good (a Checkout Session's delayed payment
-        # failed: no retry on that session), newer or older than the step it ends.
-        return Decision((change,))
-    if not (is_pre_success(current.status) and is_pre_success(change.status)):
-        if change.status == current.status and change.amount_refunded is not None:
-            # Several partial refunds: Stripe reports a growing total; a smaller one is late.
-            return Decision((change,)) if change.amount_refunded > current.amount_refunded else IGNORE
-        if change.declined or change.status == current.status:
-            return IGNORE
-        if not transition_allowed(current.status, change.status, declined=False):
-            return IGNORE
-        return Decision((change,))
-    if current.at is not None and change.at < current.at:
-        return IGNORE  # delivered late: a newer event already set the state
-    newer = current.at is None or change.at > current.at
-    if change.declined:
-        if (current.status, current.last_error) == (change.status, change.last_error):
-            return Decision(touch=newer)
-        return Decision((change,))
-    if current.last_error is not None and not newer:
-        return IGNORE
-    if RANK[change.status] > RANK[current.status]:
-        return Decision((change,))
-    if change.status == current.status or not newer:
-        return Decision(touch=newer)
-    decline = Change("requires_payment_method", change.at, INFERRED_DECLINE)
-    if change.status == "requires_payment_method":
-        return Decision((decline,))
-    return Decision((decline, change))
-
-
-def _decide_dispute(current: State, change: Change) -> Decision:
-    """A dispute moves a transaction to `disputed` (from any status but canceled, even
-    before the success it follows arrives: success can no longer change it), and each
-    later stage of the same dispute is logged once (an inquiry becoming a chargeback, its
-    closing as won or lost); an older stage delivered late changes nothing."""
-    if current.status != "disputed":
-        if not transition_allowed(current.status, "disputed", declined=False):
-            return IGNORE
-        return Decision((change,))
-    if dispute_stage(change.dispute) > dispute_stage(current.dispute):
-        return Decision((Change("disputed", change.at, dispute=change.dispute,
-                                amount_refunded=current.amount_refunded),))
-    return IGNORE
+# FINAL (re-exported above) is the payment machine's.  Streams see a status, not a kind,
+# so they end on any kind's final status: that is exact because kinds share a status only
+# where they agree it is final (`canceled`), and no kind's running status is another's
+# final one (tests/test_subscription_machine.py).
+ENDS: frozenset[str] = frozenset().union(*(m.final for m in set(MACHINES.values())))

@@ -20,8 +20,14 @@ CHANNEL = "paystream"
 
 TXN_COLUMNS = (
     "id, stripe_id, kind, status, amount, currency, customer_id, metadata, last_error,"
-    " validated, seq, status_at, updated_at, amount_refunded, dispute"
+    " validated, seq, status_at, updated_at, amount_refunded, dispute, details"
 )
+
+# Each kind's own fields of the transaction JSON, kept in the row's `details`.
+KIND_FIELDS: dict[str, tuple[str, ...]] = {
+    "subscription": ("current_period_end", "cancel_at_period_end", "trial_end", "next_payment_attempt"),
+    "invoice": ("subscription_id",),
+}
 
 
 def new_transaction_id() -> str:
@@ -58,6 +64,10 @@ def render(row: asyncpg.Record | dict[str, Any]) -> dict[str, Any]:
     }
     if row["kind"] == "checkout":
         data.update(checkout.session_fields(row["status"], row["last_error"], row["amount"]))
+    fields = KIND_FIELDS.get(row["kind"])
+    if fields:
+        details = row.get("details") or {}
+        data.update({name: details.get(name) for name in fields})
     return data
 
 
@@ -173,13 +183,14 @@ async def insert_transaction(
     amount_refunded: int = 0,
     dispute: dict[str, Any] | None = None,
     txn_id: str | None = None,
+    details: dict[str, Any] | None = None,
 ) -> asyncpg.Record | None:
     """Create a transaction at seq 1; None if another request created its stripe_id first."""
     return await conn.fetchrow(
         f"""INSERT INTO transactions (id, stripe_id, kind, status, amount, currency, customer_id,
                                       metadata, last_error, validated, seq, status_at, amount_refunded,
-                                      dispute)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 1, $11, $12, $13)
+                                      dispute, details)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 1, $11, $12, $13, $14)
             ON CONFLICT (stripe_id) DO NOTHING
             RETURNING {TXN_COLUMNS}""",
         txn_id or new_transaction_id(),
@@ -195,6 +206,7 @@ async def insert_transaction(
         status_at,
         amount_refunded,
         dispute,
+        details,
     )
 
 
@@ -388,11 +400,11 @@ async def move_and_log(
     text, payload = _log_entry(moved, data, previous_status, stripe_event_id, event_type)
     args = (moved["id"], moved["seq"], moved["status"], moved["last_error"], moved["validated"],
             moved["status_at"], moved["amount_refunded"], moved["updated_at"], previous_status,
-            stripe_event_id, event_type, text, finish_event, moved["dispute"])
+            stripe_event_id, event_type, text, finish_event, moved["dispute"], moved.get("details"))
     if broker:
         logged = await conn.fetchval(_MOVE_SQL + _QUEUE_TAIL, *args)
     else:
-        logged = await conn.fetchval(_MOVE_SQL + "SELECT count(pg_notify($15, $16)) FROM logged",
+        logged = await conn.fetchval(_MOVE_SQL + "SELECT count(pg_notify($16, $17)) FROM logged",
                                      *args, CHANNEL, payload)
     if logged != 1:
         raise RuntimeError(f"transaction {moved['id']}: not at seq {moved['seq'] - 1} (moved by someone else?)")
@@ -401,7 +413,8 @@ async def move_and_log(
 _MOVE_SQL = """WITH moved AS (
              UPDATE transactions
                 SET status = $3, last_error = $4, validated = $5, status_at = $6,
-                    amount_refunded = $7, seq = $2, updated_at = $8, dispute = $14
+                    amount_refunded = $7, seq = $2, updated_at = $8, dispute = $14,
+                    details = $15
               WHERE id = $1 AND seq = $2 - 1
           RETURNING id),
            logged AS (

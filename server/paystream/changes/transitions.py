@@ -12,8 +12,8 @@ from typing import Any
 import asyncpg
 
 from paystream import effects
-from paystream.changes import follows, store
-from paystream.changes.lifecycle import Change, State, decide
+from paystream.changes import follows, reads, store
+from paystream.changes.lifecycle import Change, State, machine_for
 from paystream.ingest.stripe_events import Meaning, interpret
 from paystream.ops import metrics
 
@@ -37,6 +37,7 @@ def next_row(row: asyncpg.Record | dict[str, Any], move: Change) -> dict[str, An
         "status_at": max(move.at, row["status_at"]) if row["status_at"] else move.at,
         "amount_refunded": max(row["amount_refunded"], move.amount_refunded or 0),
         "dispute": move.dispute if move.dispute is not None else row["dispute"],
+        "details": move.details if move.details is not None else row.get("details"),
         "seq": row["seq"] + 1,
         # Our clock, not the database's, so the pushed JSON is written with the row; never
         # behind the row's last change (the row is locked: no one else moves it meanwhile).
@@ -49,8 +50,11 @@ async def apply(conn: asyncpg.Connection, row: asyncpg.Record | dict[str, Any], 
                 finish_event: bool = False) -> tuple[bool, asyncpg.Record | dict[str, Any]]:
     """Apply one change to a locked transaction row; True if anything visible changed.
     With finish_event, the last move also records stripe_event_id as applied."""
-    decision = decide(State(row["status"], row["status_at"], row["last_error"], row["amount_refunded"],
-                            row["dispute"]), change)
+    decision = machine_for(row["kind"]).decide(
+        State(row["status"], row["status_at"], row["last_error"], row["amount_refunded"], row["dispute"],
+              row.get("details")), change)
+    if decision.reread:
+        await reads.queue(conn, row["id"])
     if decision.touch:
         await store.touch_transaction(conn, row["id"], change.at)
     for k, move in enumerate(decision.moves):
@@ -60,6 +64,8 @@ async def apply(conn: asyncpg.Connection, row: asyncpg.Record | dict[str, Any], 
                                  event_type=cause_type, data=data,
                                  finish_event=finish_event and k == len(decision.moves) - 1)
         row = moved
+    if decision.moves:
+        await reads.after_move(conn, row)
     if decision.moves and row["status"] in follows.FOLLOWED_STATUSES:
         await follows.propagate(conn, row, apply, stripe_event_id=stripe_event_id, cause_type=cause_type)
     return bool(decision.moves), row
@@ -74,8 +80,10 @@ async def create(conn: asyncpg.Connection, *, stripe_id: str | None, kind: str, 
         conn, stripe_id=stripe_id, kind=kind, status=change.status, amount=amount, currency=currency,
         customer_id=customer_id, metadata=metadata, last_error=change.last_error,
         validated=_validates(kind, change.status), status_at=change.at,
-        amount_refunded=change.amount_refunded or 0, dispute=change.dispute, txn_id=txn_id)
+        amount_refunded=change.amount_refunded or 0, dispute=change.dispute, txn_id=txn_id,
+        details=change.details)
     if row is not None:
+        await reads.after_move(conn, row)
         data = await _with_effects(conn, row, None, stripe_event_id, cause_type)
         await store.append_event(conn, row, previous_status=None, stripe_event_id=stripe_event_id,
                                  event_type=cause_type, data=data)

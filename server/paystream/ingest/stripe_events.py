@@ -14,10 +14,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from paystream.changes.lifecycle import KINDS, RANK, Change
-from paystream.ingest import checkout
+from paystream.ingest import checkout, subscriptions
 
 # Families whose every type we accept (store, link, maybe move); anything else is refused.
-SUPPORTED_PREFIXES = ("payment_intent.", "charge.", "refund.", "invoice.", "setup_intent.", "checkout.")
+SUPPORTED_PREFIXES = ("payment_intent.", "charge.", "refund.", "invoice.", "setup_intent.", "checkout.",
+                      subscriptions.PREFIX)
 
 
 class MalformedEvent(ValueError):
@@ -299,6 +300,9 @@ def _invoice(event: dict[str, Any], obj: dict[str, Any], at: datetime) -> Meanin
     elif etype == "invoice.voided":
         change = Change("canceled", at)
     meaning = _base(obj, obj["id"], change, "invoice", links=_invoice_payment_intents(obj))
+    subscription = subscriptions.invoice_subscription(obj)
+    if subscription and change is not None:
+        meaning = replace(meaning, change=replace(change, details={"subscription_id": subscription}))
     paid = _amount(obj.get("amount_paid"), "amount_paid") or _amount(obj.get("amount_due"), "amount_due")
     if paid > 0:
         meaning = replace(meaning, amount=paid)
@@ -349,6 +353,8 @@ def interpret(event: dict[str, Any]) -> Meaning:
         return _refund(event, obj, at)
     if etype.startswith("invoice."):
         return _invoice(event, obj, at)
+    if etype.startswith(subscriptions.PREFIX):
+        return subscriptions.interpret(event, obj, at)
     if etype.startswith("checkout."):
         return _checkout_session(event, obj, at) if obj.get("object") == "checkout.session" else Meaning(None, None)
     return _setup_intent(event, obj, at)

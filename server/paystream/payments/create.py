@@ -37,6 +37,7 @@ from paystream.changes import store, transitions
 from paystream.changes.lifecycle import BEFORE_STRIPE, KINDS, Change, stripe_now
 from paystream.db import ACQUIRE_TIMEOUT
 from paystream.errors import ApiError
+from paystream.payments import subscriptions
 from paystream.payments.stripe_api import Created, StripeApi, StripeFailure
 
 CARD_VALIDATION_AMOUNT = 100  # $1, authorised then released
@@ -65,6 +66,9 @@ class CreateTransaction(BaseModel):
     success_url: str | None = Field(default=None, min_length=1, max_length=2048)
     cancel_url: str | None = Field(default=None, min_length=1, max_length=2048)
     price: str | None = Field(default=None, min_length=1, max_length=255)
+    # Subscriptions only (kind "subscription", with customer_id and price).
+    quantity: int | None = Field(default=None, gt=0, le=10_000)
+    trial_period_days: int | None = Field(default=None, gt=0, le=730)  # Stripe's own bound
 
     @field_validator("customer_id", "coupon", "success_url", "cancel_url", "price")
     @classmethod
@@ -94,6 +98,13 @@ class CreateTransaction(BaseModel):
         req = self.model_copy(update={"currency": self.currency.lower()})
         if req.kind == "checkout":
             return _checked_checkout(req)
+        if req.kind != "subscription" and (req.quantity or req.trial_period_days):
+            raise ApiError(400, "bad_request", "quantity and trial_period_days apply to subscriptions only")
+        if req.kind == "subscription":
+            if not req.customer_id or not req.price or req.amount is not None or req.capture_method:
+                raise ApiError(400, "bad_request", "a subscription needs customer_id and price (no amount or "
+                               "capture_method: the price sets what each period costs)")
+            return req.model_copy(update={"quantity": req.quantity or 1})
         if req.kind == "card_validation":
             if req.amount not in (None, CARD_VALIDATION_AMOUNT) or req.capture_method == "automatic":
                 raise ApiError(400, "bad_request", "a card validation is a $1 (amount 100) manual capture")
@@ -241,6 +252,10 @@ async def create(state: State, raw: bytes, key: str | None) -> tuple[int, dict[s
     if api is None:
         raise ApiError(503, "stripe_not_configured", "STRIPE_API_KEY is not set on this server")
     req = _parse(raw)
+    if req.kind == "subscription":  # an unknown customer or price is refused before anything is stored
+        assert req.customer_id and req.price and req.quantity
+        amount, currency = await subscriptions.priced(api, req.customer_id, req.price, req.quantity)
+        req = req.model_copy(update={"amount": amount, "currency": currency})
     if api.breaker.state == "open" and api.breaker.retry_after() > 0:
         # Fail fast, before a transaction is written for a call that will not be made.
         raise ApiError(503, "stripe_unavailable", "Stripe is unavailable (circuit breaker open); try again later",
@@ -290,7 +305,7 @@ async def _start(conn: asyncpg.Connection, req: CreateTransaction,
     row = await transitions.create(
         conn, txn_id=txn_id, stripe_id=None, kind=req.kind, amount=req.amount or 0,
         currency=req.currency, customer_id=req.customer_id, metadata=req.metadata,
-        change=Change("requires_payment_method", BEFORE_STRIPE),
+        change=Change("incomplete" if req.kind == "subscription" else "requires_payment_method", BEFORE_STRIPE),
         stripe_event_id=None, cause_type="paystream.transaction.created")
     await transitions.unpark(conn, txn_id)
     return row
@@ -316,6 +331,10 @@ async def _call_stripe(state: State, api: StripeApi, req: CreateTransaction, row
         if created.amount is not None:  # a session priced by Stripe: its total is known now
             await conn.execute("UPDATE transactions SET amount = $2, currency = $3 WHERE id = $1",
                                txn_id, created.amount, created.currency or row["currency"])
+        if created.change is not None:  # the object as Stripe answered (a subscription: active, incomplete)
+            locked = await store.lock_by_id(conn, txn_id)
+            await transitions.apply(conn, locked, created.change, stripe_event_id=None,
+                                    cause_type=f"paystream.{row['kind']}.created")
         row = await store.get_transaction(conn, txn_id)
         token, _ = tokens.mint(state.settings.paystream_token_secret,
                                txn=[txn_id, created.stripe_id],
@@ -331,6 +350,11 @@ async def _call_stripe(state: State, api: StripeApi, req: CreateTransaction, row
 
 async def _create_at_stripe(api: StripeApi, row: asyncpg.Record, req: CreateTransaction) -> Created:
     metadata = {**req.metadata, "transaction_id": row["id"], "paystream_kind": req.kind}
+    if req.kind == "subscription":
+        assert req.customer_id and req.price and req.quantity
+        return await subscriptions.create_at_stripe(
+            api, row, customer=req.customer_id, price=req.price, quantity=req.quantity,
+            trial_period_days=req.trial_period_days, metadata=metadata)
     if req.kind == "checkout":
         assert req.mode and req.success_url and req.cancel_url
         session = await api.create_checkout_session(
@@ -356,5 +380,6 @@ async def _record_failure(pool: asyncpg.Pool, txn_id: str, failure: StripeFailur
         row = await store.lock_by_id(conn, txn_id)
         if row is not None and row["stripe_id"] is None:
             await transitions.apply(
-                conn, row, Change("requires_payment_method", stripe_now(), failure.as_error()),
+                conn, row, Change("incomplete_expired" if row["kind"] == "subscription" else "requires_payment_method",
+                                  stripe_now(), failure.as_error()),
                 stripe_event_id=None, cause_type="paystream.stripe_error")

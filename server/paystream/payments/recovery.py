@@ -17,6 +17,7 @@ from paystream.changes import store, transitions
 from paystream.changes.lifecycle import stripe_now
 from paystream.db import ACQUIRE_TIMEOUT, DATABASE_ERRORS
 from paystream.ops import metrics
+from paystream.payments import subscriptions
 from paystream.payments.current import change_from_object, change_from_payment_intent
 from paystream.payments.stripe_api import StripeApi, StripeFailure
 
@@ -76,7 +77,7 @@ class Recovery(BackgroundTask):
                     """UPDATE outbox SET attempts = attempts + 1
                         WHERE id = (SELECT id FROM outbox WHERE done_at IS NULL AND attempts < 20
                                      ORDER BY id FOR UPDATE SKIP LOCKED LIMIT 1)
-                    RETURNING id, kind, transaction_id""")
+                    RETURNING id, kind, transaction_id, attempts""")
             if job is None:
                 return report
             try:
@@ -90,6 +91,9 @@ class Recovery(BackgroundTask):
                     return report  # Stripe is down: try again on the next pass
 
     async def _release(self, job: asyncpg.Record) -> None:
+        if job["kind"] == "read_subscription":  # a change asked what Stripe says now
+            await subscriptions.apply_read(self.pool, self.api, job)
+            return
         row = await store.get_transaction(self.pool, job["transaction_id"])
         assert row is not None and row["stripe_id"]
         reason = "validation" if job["kind"] == "cancel_validation" else "expired"

@@ -50,6 +50,7 @@ class Created:
     url: str | None = None  # a Checkout Session's hosted page
     amount: int | None = None  # what Stripe priced it at, when it set the price
     currency: str | None = None
+    change: Any = None  # the object's state in Stripe's answer (a Change), applied with the link
 
 
 async def _checkout_refusals(coro: Any) -> Any:
@@ -309,3 +310,45 @@ class StripeApi:
     async def delete_webhook_endpoint(self, endpoint_id: str) -> None:
         await self._call("delete the webhook endpoint",
                          self.client.v1.webhook_endpoints.delete_async(endpoint_id))
+
+    # --- subscriptions (payments/subscriptions.py) ---------------------------------------
+
+    async def retrieve_price(self, price_id: str) -> Any:
+        return await self._call("read the price", self.client.v1.prices.retrieve_async(price_id))
+
+    async def retrieve_customer(self, customer_id: str) -> Any:
+        return await self._call("read the customer", self.client.v1.customers.retrieve_async(customer_id))
+
+    async def create_subscription(self, txn_id: str, *, customer: str, price: str, quantity: int,
+                                  trial_period_days: int | None, metadata: dict[str, str],
+                                  payment_behavior: str) -> Any:
+        """A subscription to one price, with its first invoice and that invoice's payment
+        (`latest_invoice.confirmation_secret`, API 2025-03-31 on: the secret the page confirms)."""
+        params: dict[str, Any] = {
+            "customer": customer, "items": [{"price": price, "quantity": quantity}], "metadata": metadata,
+            "payment_behavior": payment_behavior,
+            "payment_settings": {"save_default_payment_method": "on_subscription"},
+            "expand": ["latest_invoice.confirmation_secret"],
+        }
+        if trial_period_days:
+            params["trial_period_days"] = trial_period_days
+        return await self._call("create a subscription", self.client.v1.subscriptions.create_async(
+            params=params, options={"idempotency_key": f"paystream-{txn_id}-subscription"}))
+
+    async def retrieve_subscription(self, sub_id: str) -> Any:
+        """The subscription with its latest invoice and that invoice's payments (whose
+        PaymentIntent holds a failed renewal's error)."""
+        return await self._call("read the subscription", self.client.v1.subscriptions.retrieve_async(
+            sub_id, params={"expand": ["latest_invoice.payments"]}))
+
+    async def cancel_subscription(self, txn_id: str, sub_id: str, at_period_end: bool) -> Any:
+        """Cancel now, or at the end of the period already paid (Stripe keeps it active)."""
+        if at_period_end:
+            return await self._call("cancel the subscription at period end",
+                                    self.client.v1.subscriptions.update_async(
+                                        sub_id, params={"cancel_at_period_end": True},
+                                        options={"idempotency_key": f"paystream-{txn_id}-cancel-at-period-end"}))
+        return await self._call("cancel the subscription", self.client.v1.subscriptions.cancel_async(
+            sub_id, options={"idempotency_key": f"paystream-{txn_id}-cancel-now"}))
+
+    # --- saved cards ---------------------------------------------------------------

@@ -10,7 +10,7 @@ from starlette.responses import JSONResponse
 
 from paystream.auth import access
 from paystream.changes import store
-from paystream.changes.lifecycle import FINAL, RANK
+from paystream.changes.lifecycle import ALL_STATUSES, ENDS
 from paystream.errors import ApiError
 from paystream.ops import metrics
 from paystream.push.hub import Hub
@@ -30,10 +30,10 @@ async def get_transaction(request: Request) -> JSONResponse:
         return JSONResponse(store.render(await read_covered(request.app.state.pool, grant, any_id)))
 
     targets = {s.strip() for s in wanted.split(",") if s.strip()}
-    unknown = targets - RANK.keys()
+    unknown = targets - set(ALL_STATUSES)
     if not targets or unknown:
-        raise ApiError(400, "bad_request", f"await takes statuses from {sorted(RANK)}")
-    targets |= FINAL
+        raise ApiError(400, "bad_request", f"await takes statuses from {sorted(ALL_STATUSES)}")
+    targets |= ENDS
     limit = request.app.state.settings.long_poll_max_seconds
     try:
         timeout = float(request.query_params.get("timeout", "25"))

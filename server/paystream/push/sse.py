@@ -16,7 +16,7 @@ from starlette.types import Receive, Scope, Send
 
 from paystream.auth import access
 from paystream.changes import store
-from paystream.changes.lifecycle import FINAL
+from paystream.changes.lifecycle import ENDS
 from paystream.ops import metrics
 from paystream.push.hub import Hub
 from paystream.push.streams import CLOSE_GRACE, abort, cursor, flag, open_stream
@@ -151,7 +151,7 @@ async def sse(request: Request) -> Response:
     row, sub, release = await open_stream(request, any_id, grant, after)
     hub: Hub = request.app.state.hub
     ping = request.app.state.settings.sse_ping_seconds
-    if after is not None and after >= row["seq"] and row["status"] in FINAL and not follow:
+    if after is not None and after >= row["seq"] and row["status"] in ENDS and not follow:
         # The client has seen the end already: 204 is the HTML standard's signal for
         # EventSource to stop reconnecting (an empty 200 made a browser's own EventSource
         # reconnect every second for as long as the tab stayed open).
@@ -163,7 +163,7 @@ async def sse(request: Request) -> Response:
         yield b"retry: 1000\n\n"
         if after is None:
             yield _sse(row["seq"], "snapshot", json.dumps(store.render(row), separators=(",", ":")))
-            if row["status"] in FINAL and not follow:
+            if row["status"] in ENDS and not follow:
                 return
         while (item := await sub.get(idle=_until(grant.exp, ping))) is not None:
             if item is IDLE:
@@ -175,7 +175,7 @@ async def sse(request: Request) -> Response:
                 continue
             seq, status, data = item
             yield _sse(seq, "status", data)
-            if status in FINAL and not follow:
+            if status in ENDS and not follow:
                 return
         # Closed under us (slow reader, shutdown): the client reconnects and resumes.
 
