@@ -350,5 +350,3 @@ class StripeApi:
                                         options={"idempotency_key": f"paystream-{txn_id}-cancel-at-period-end"}))
         return await self._call("cancel the subscription", self.client.v1.subscriptions.cancel_async(
             sub_id, options={"idempotency_key": f"paystream-{txn_id}-cancel-now"}))
-
-    # --- saved cards ---------------------------------------------------------------
