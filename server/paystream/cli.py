@@ -1,4 +1,4 @@
-"""`paystream …`: dev, serve, migrate, reconcile, events, deliveries, token, trigger, stripe-endpoint."""
+"""`paystream …`: dev, serve, migrate, reconcile, events, deliveries, ledger, token, trigger, stripe-endpoint."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 from paystream import __version__
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from paystream.config import Settings
     from paystream.effects import Effects
 
@@ -415,6 +417,49 @@ def _duration(text: str) -> int:
     return int(number) * (scale or 1)
 
 
+def _timestamp(text: str) -> datetime:
+    """An ISO 8601 time ('2025-06-01', '2025-06-01T12:00:00Z'; UTC when no offset) or a
+    duration ago ('90m', '6h', '3d')."""
+    from datetime import UTC, datetime, timedelta
+
+    try:
+        return datetime.now(UTC) - timedelta(seconds=_duration(text))
+    except argparse.ArgumentTypeError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a time such as 2025-06-01T12:00:00Z "
+                                         "nor a duration such as 6h") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def cmd_ledger(args: argparse.Namespace) -> int:
+    from paystream import db
+    from paystream.effects import ledger
+
+    url = _database_url(announce=False)
+    scope = {"transaction": args.transaction, "customer": args.customer, "since": args.since}
+
+    async def run() -> int:
+        pool = await db.create_pool(url, 2)
+        try:
+            if not args.check:
+                async for line in ledger.report(pool, **scope):
+                    print(json.dumps(line))
+                return 0
+            problems = 0
+            async for problem in ledger.check(pool, **scope):
+                problems += 1
+                print(json.dumps(problem))
+            print(json.dumps({"problems": problems}))
+            return 1 if problems else 0
+        finally:
+            await pool.close()
+
+    return asyncio.run(run())
+
+
 def cmd_backfill(args: argparse.Namespace) -> int:
     import time
 
@@ -653,6 +698,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--since", type=_duration, default=None, metavar="DURATION",
                    help="how far back, e.g. 90m, 6h, 3d (default: from the newest stored event minus 1h)")
     p.set_defaults(func=cmd_backfill)
+
+    p = sub.add_parser("ledger", help="print the ledger of money movements; check it",
+                       description="Print ledger entries as JSON lines ({\"entry\": …}, oldest first), then "
+                       "each account's balance over them ({\"balance\": {account, currency, amount}}; "
+                       "credits positive). Accounts: stripe:clearing, merchant:revenue, stripe:disputed, "
+                       "wallet:<customer>. With --check print instead each problem as a JSON line (a group "
+                       "that does not sum to zero in its currency, a transaction whose entries disagree "
+                       "with its status, amount, amount_refunded or dispute), then {\"problems\": N}; "
+                       "exit 1 if N > 0.")
+    p.add_argument("--transaction", default=None, metavar="ID", help="only this txn_ or Stripe id")
+    p.add_argument("--customer", default=None, metavar="ID",
+                   help="only this customer's transactions and wallet")
+    p.add_argument("--since", type=_timestamp, default=None, metavar="TIME",
+                   help="only entries from TIME on (ISO 8601, or a duration ago such as 6h); "
+                        "with --check, transactions touched since")
+    p.add_argument("--check", action="store_true", help="report problems instead; exit 1 if any")
+    p.set_defaults(func=cmd_ledger)
 
     p = sub.add_parser("token", help="mint a stream token (JWT) for a browser",
                        description="Mint a stream token signed with PAYSTREAM_TOKEN_SECRET "

@@ -140,4 +140,4 @@ def test_the_built_in_effects_are_registered_entry_points() -> None:
     out = subprocess.run([sys.executable, "-c", "from paystream import effects; "
                           "print(','.join(e.name for e in effects.load(None)))"],
                          capture_output=True, text=True, timeout=60, env={**os.environ, "PAYSTREAM_EFFECTS": ""})
-    assert out.stdout.strip() == "card_validation,outbound,wallet", out.stderr
+    assert out.stdout.strip() == "card_validation,ledger,outbound,wallet", out.stderr

@@ -233,6 +233,13 @@ class StripeApi:
                 return
             after = items[-1]["id"]
 
+    async def capture_payment_intent(self, txn_id: str, pi_id: str, amount: int | None) -> Any:
+        """Capture all of an authorisation, or `amount` of it.  Keyed by the transaction:
+        Stripe captures a PaymentIntent once, and a repeat returns the same answer."""
+        params: dict[str, Any] = {"amount_to_capture": amount} if amount is not None else {}
+        return await self._call("capture the PaymentIntent", self.client.v1.payment_intents.capture_async(
+            pi_id, params=params, options={"idempotency_key": f"paystream-{txn_id}-capture"}))
+
     async def cancel_payment_intent(self, txn_id: str, pi_id: str, reason: str) -> Any:
         return await self._call("cancel the PaymentIntent", self.client.v1.payment_intents.cancel_async(
             pi_id, options={"idempotency_key": f"paystream-{txn_id}-cancel-{reason}"}))
