@@ -21,7 +21,7 @@ from starlette.requests import HTTPConnection, Request
 
 from paystream.auth import access
 from paystream.auth.tokens import Grant
-from paystream.changes import store
+from paystream.changes import follows, store
 from paystream.errors import ApiError
 from paystream.push.hub import Hub
 from paystream.push.subscription import Subscription
@@ -46,8 +46,9 @@ def abort(transport: asyncio.BaseTransport) -> None:
 
 
 def precheck(grant: Grant, any_id: str) -> None:
-    """Refuse, before any query, an id a transaction-list token cannot cover (Grant.may_name)."""
-    if not grant.may_name(any_id):
+    """Refuse, before any query, an id a transaction-list token cannot cover (Grant.may_name);
+    a token listing a Checkout Session may also name what the session follows."""
+    if not grant.may_name(any_id) and not any(listed.startswith("cs_") for listed in grant.txn):
         raise ApiError(403, "forbidden", "the token does not cover this transaction")
 
 
@@ -62,9 +63,27 @@ def covered(grant: Grant, any_id: str, row: asyncpg.Record | None) -> asyncpg.Re
     raise ApiError(403, "forbidden", "the token does not cover this transaction")
 
 
+async def covered_or_followed(pool: asyncpg.Pool, grant: Grant, any_id: str,
+                              row: asyncpg.Record | None) -> asyncpg.Record:
+    """covered(), and for a token listing transactions, also a transaction one of them
+    follows (a Checkout Session's PaymentIntent or subscription: changes/follows.py).
+    The extra query runs only for what the token does not cover itself."""
+    try:
+        return covered(grant, any_id, row)
+    except ApiError:
+        if row is None or not grant.txn or not row["stripe_id"]:
+            raise
+        listed = [i for i in grant.txn if store.plausible_id(i)]
+        followed = await follows.followed_by(pool, [i for i in listed if i.startswith("txn_")],
+                                             [i for i in listed if not i.startswith("txn_")])
+        if row["stripe_id"] in followed:
+            return row
+        raise
+
+
 async def read_covered(pool: asyncpg.Pool, grant: Grant, any_id: str) -> asyncpg.Record:
     precheck(grant, any_id)
-    return covered(grant, any_id, await store.get_transaction(pool, any_id))
+    return await covered_or_followed(pool, grant, any_id, await store.get_transaction(pool, any_id))
 
 
 async def open_subscription(
@@ -79,7 +98,7 @@ async def open_subscription(
     if any_id.startswith("txn_") and after is None:
         sub = hub.subscribe(any_id)  # the common case: one query, after subscribing
     try:
-        row = covered(grant, any_id, await store.get_transaction(pool, any_id))
+        row = await covered_or_followed(pool, grant, any_id, await store.get_transaction(pool, any_id))
         if sub is None:
             sub = hub.subscribe(row["id"], after)
             if after is None:
