@@ -28,7 +28,7 @@ from paystream.ingest.backfill import Backfiller
 from paystream.ops import health, metrics, openapi
 from paystream.ops.gc_tuning import GcTuning
 from paystream.ops.logs import setup_logging
-from paystream.payments import create, operations, refresh, subscriptions
+from paystream.payments import create, operations, payment_methods, refresh, subscriptions
 from paystream.payments.outbound import Deliverer
 from paystream.payments.recovery import Recovery
 from paystream.payments.refresh import RefreshLimits
@@ -138,6 +138,7 @@ def create_app(settings: Settings | None = None, extra_routes: list[BaseRoute] |
     routes = [
         Route("/v1/stripe/webhook", webhooks.handle, methods=["POST"], name="stripe_webhook"),
         Route("/v1/transactions", create.create_transaction, methods=["POST"]),
+        Route("/v1/customers/{id}/payment-methods", payment_methods.list_payment_methods, methods=["GET"]),
         Route("/v1/transactions/{id}", longpoll.get_transaction, methods=["GET"]),
         Route("/v1/transactions/{id}/events", sse.sse, methods=["GET"]),
         Route("/v1/transactions/{id}/refresh", refresh.refresh, methods=["POST"]),

@@ -38,6 +38,7 @@ from paystream.changes.lifecycle import BEFORE_STRIPE, KINDS, Change, stripe_now
 from paystream.db import ACQUIRE_TIMEOUT
 from paystream.errors import ApiError
 from paystream.payments import subscriptions
+from paystream.payments.current import change_from_payment_intent
 from paystream.payments.stripe_api import Created, StripeApi, StripeFailure
 
 CARD_VALIDATION_AMOUNT = 100  # $1, authorised then released
@@ -69,6 +70,12 @@ class CreateTransaction(BaseModel):
     # Subscriptions only (kind "subscription", with customer_id and price).
     quantity: int | None = Field(default=None, gt=0, le=10_000)
     trial_period_days: int | None = Field(default=None, gt=0, le=730)  # Stripe's own bound
+    # Saved cards (see _check_saved_card): keep the card this payment uses, or charge one
+    # the customer saved, from the backend, without them.
+    setup_future_usage: Literal["on_session", "off_session"] | None = None
+    payment_method: str | None = Field(default=None, pattern=r"^pm_[0-9A-Za-z_]{1,250}$")
+    off_session: bool | None = None
+    confirm: bool | None = None
 
     @field_validator("customer_id", "coupon", "success_url", "cancel_url", "price")
     @classmethod
@@ -96,6 +103,7 @@ class CreateTransaction(BaseModel):
         if self.kind != "checkout" and (self.mode or self.success_url or self.cancel_url):
             raise ApiError(400, "bad_request", "mode, success_url and cancel_url apply to checkout only")
         req = self.model_copy(update={"currency": self.currency.lower()})
+        _check_saved_card(req)
         if req.kind == "checkout":
             return _checked_checkout(req)
         if req.kind != "subscription" and (req.quantity or req.trial_period_days):
@@ -138,6 +146,41 @@ def _checked_checkout(req: CreateTransaction) -> CreateTransaction:
     if req.mode == "setup" and (req.price is not None or req.amount is not None):
         raise ApiError(400, "bad_request", "a setup-mode checkout takes no amount or price")
     return req
+
+
+def _check_saved_card(req: CreateTransaction) -> None:
+    """setup_future_usage keeps the card of a payment or card validation for its customer;
+    payment_method with off_session and confirm both true charges one the customer saved."""
+    if req.setup_future_usage:
+        if req.kind not in ("payment", "card_validation") or not req.customer_id:
+            raise ApiError(400, "bad_request", "setup_future_usage keeps a payment's or card validation's card "
+                           "for its customer: it needs customer_id")
+        if req.payment_method or req.off_session or req.confirm:
+            raise ApiError(400, "bad_request", "setup_future_usage is for a card the customer enters now, "
+                           "not with payment_method, off_session or confirm")
+    if req.payment_method or req.off_session is not None or req.confirm is not None:
+        if not (req.kind == "payment" and req.payment_method and req.off_session and req.confirm
+                and req.customer_id):
+            raise ApiError(400, "bad_request", "charging a saved card takes kind payment, customer_id, "
+                           "payment_method, off_session: true and confirm: true")
+        if req.capture_method == "manual":
+            raise ApiError(400, "bad_request", "a saved card is charged with automatic capture")
+
+
+async def _check_card_is_customers(api: StripeApi, req: CreateTransaction) -> None:
+    """Refuse, before anything is stored, a payment_method that is not one of this
+    customer's saved cards (unknown to Stripe, or another customer's)."""
+    refusal = ApiError(400, "payment_method_not_attached",
+                       f"{req.payment_method} is not a card saved for customer {req.customer_id}")
+    try:
+        pm = await api.retrieve_payment_method(req.payment_method or "")
+    except StripeFailure as failure:
+        if failure.status == 400:  # Stripe does not know it
+            raise refusal from None
+        raise ApiError(failure.status, failure.code, failure.message, headers=failure.headers) from None
+    customer = getattr(pm, "customer", None)
+    if (customer if isinstance(customer, str) else getattr(customer, "id", None)) != req.customer_id:
+        raise refusal
 
 
 def _parse(raw: bytes) -> CreateTransaction:
@@ -256,6 +299,8 @@ async def create(state: State, raw: bytes, key: str | None) -> tuple[int, dict[s
         assert req.customer_id and req.price and req.quantity
         amount, currency = await subscriptions.priced(api, req.customer_id, req.price, req.quantity)
         req = req.model_copy(update={"amount": amount, "currency": currency})
+    if req.payment_method:
+        await _check_card_is_customers(api, req)
     if api.breaker.state == "open" and api.breaker.retry_after() > 0:
         # Fail fast, before a transaction is written for a call that will not be made.
         raise ApiError(503, "stripe_unavailable", "Stripe is unavailable (circuit breaker open); try again later",
@@ -369,9 +414,36 @@ async def _create_at_stripe(api: StripeApi, row: asyncpg.Record, req: CreateTran
         assert req.customer_id is not None
         return await api.create_invoice(row["id"], amount=row["amount"], currency=row["currency"],
                                         customer=req.customer_id, coupon=req.coupon, metadata=metadata)
+    if req.off_session:
+        assert req.customer_id and req.payment_method
+        pi = await api.charge_saved_card(row["id"], amount=row["amount"], currency=row["currency"],
+                                         customer=req.customer_id, payment_method=req.payment_method,
+                                         metadata=metadata)
+        return Created(pi.id, pi.client_secret, change=_off_session_change(pi))
+    if req.setup_future_usage:
+        assert req.customer_id
+        return await api.create_payment_intent_saving_card(
+            row["id"], amount=row["amount"], currency=row["currency"], customer=req.customer_id,
+            capture_method=req.capture_method or "automatic", metadata=metadata,
+            setup_future_usage=req.setup_future_usage)
     return await api.create_payment_intent(
         row["id"], amount=row["amount"], currency=row["currency"], customer=req.customer_id,
         capture_method=req.capture_method or "automatic", metadata=metadata)
+
+
+def _off_session_change(pi: Any) -> Change | None:
+    """An off-session charge as Stripe left it.  A card that needs its holder (3-D Secure:
+    Stripe's authentication_required decline, or a PaymentIntent left in requires_action)
+    is requires_action, and its last_error carries the PaymentIntent's client_secret: the
+    customer's page, which hears it on the stream, confirms the payment with it."""
+    error = getattr(pi, "last_payment_error", None)
+    if pi.status == "requires_action" or getattr(error, "code", None) == "authentication_required":
+        return Change("requires_action", stripe_now(), {
+            "code": "authentication_required",
+            "message": "the bank asks the customer to authenticate this payment: bring them back "
+                       "to confirm it with client_secret",
+            "client_secret": pi.client_secret})
+    return change_from_payment_intent(pi, stripe_now())
 
 
 async def _record_failure(pool: asyncpg.Pool, txn_id: str, failure: StripeFailure) -> None:

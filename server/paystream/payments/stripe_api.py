@@ -281,43 +281,6 @@ class StripeApi:
         await self._call("delete the webhook endpoint",
                          self.client.v1.webhook_endpoints.delete_async(endpoint_id))
 
-    # --- the merchant's webhook endpoint (`paystream stripe-endpoint`) ---------------
-
-    async def list_webhook_endpoints(self) -> list[dict[str, Any]]:
-        """Every webhook endpoint of the account, as plain JSON objects (no secrets: Stripe
-        shows an endpoint's secret only when it creates it)."""
-        found: list[dict[str, Any]] = []
-        after: str | None = None
-        while True:
-            params: dict[str, Any] = {"limit": 100}
-            if after:
-                params["starting_after"] = after
-            page = await self._call("list webhook endpoints",
-                                    self.client.v1.webhook_endpoints.list_async(params=params))
-            items = [item.to_dict() for item in page.data]
-            found.extend(items)
-            if not page.has_more or not items:
-                return found
-            after = items[-1]["id"]
-
-    async def create_webhook_endpoint(self, url: str, events: list[str], api_version: str,
-                                      description: str) -> dict[str, Any]:
-        """A new endpoint; the answer carries its signing secret (the only one that does)."""
-        endpoint = await self._call("create the webhook endpoint", self.client.v1.webhook_endpoints.create_async(
-            params={"url": url, "enabled_events": events, "api_version": api_version,
-                    "description": description}))
-        return endpoint.to_dict()
-
-    async def update_webhook_endpoint(self, endpoint_id: str, **params: Any) -> dict[str, Any]:
-        """url, enabled_events, description, disabled: Stripe fixes api_version at creation."""
-        endpoint = await self._call("update the webhook endpoint", self.client.v1.webhook_endpoints.update_async(
-            endpoint_id, params=params))
-        return endpoint.to_dict()
-
-    async def delete_webhook_endpoint(self, endpoint_id: str) -> None:
-        await self._call("delete the webhook endpoint",
-                         self.client.v1.webhook_endpoints.delete_async(endpoint_id))
-
     # --- subscriptions (payments/subscriptions.py) ---------------------------------------
 
     async def retrieve_price(self, price_id: str) -> Any:
@@ -357,3 +320,70 @@ class StripeApi:
                                         options={"idempotency_key": f"paystream-{txn_id}-cancel-at-period-end"}))
         return await self._call("cancel the subscription", self.client.v1.subscriptions.cancel_async(
             sub_id, options={"idempotency_key": f"paystream-{txn_id}-cancel-now"}))
+
+    # --- saved cards ---------------------------------------------------------------
+
+    async def create_payment_intent_saving_card(self, txn_id: str, *, amount: int, currency: str, customer: str,
+                                                capture_method: str, metadata: dict[str, str],
+                                                setup_future_usage: str) -> Created:
+        """A PaymentIntent whose card Stripe attaches to the customer once it succeeds, for
+        later use on or off session (Stripe's setup_future_usage)."""
+        pi = await self._call("create a PaymentIntent", self.client.v1.payment_intents.create_async(
+            params={"amount": amount, "currency": currency, "capture_method": capture_method,
+                    "metadata": metadata, "payment_method_types": ["card"], "customer": customer,
+                    "setup_future_usage": setup_future_usage},
+            options={"idempotency_key": f"paystream-{txn_id}-create"}))
+        return Created(pi.id, pi.client_secret)
+
+    async def charge_saved_card(self, txn_id: str, *, amount: int, currency: str, customer: str,
+                                payment_method: str, metadata: dict[str, str]) -> Any:
+        """Charge a customer's saved card without them (off_session, confirmed at once): the
+        PaymentIntent as Stripe left it.  A card that needs its holder is, at Stripe, a
+        decline with code authentication_required that carries the PaymentIntent: that
+        PaymentIntent is returned (its last_payment_error says so); other declines raise
+        StripeFailure 402 card_declined."""
+
+        async def attempt() -> Any:
+            try:
+                return await self.client.v1.payment_intents.create_async(
+                    params={"amount": amount, "currency": currency, "customer": customer,
+                            "payment_method": payment_method, "off_session": True, "confirm": True,
+                            "metadata": metadata, "payment_method_types": ["card"]},
+                    options={"idempotency_key": f"paystream-{txn_id}-create"})
+            except stripe.CardError as exc:
+                pi = getattr(exc.error, "payment_intent", None) if exc.error else None
+                if exc.code == "authentication_required" and pi is not None:
+                    return pi
+                raise
+
+        return await self._call("charge the saved card", attempt())
+
+    async def retrieve_payment_method(self, pm_id: str) -> Any:
+        return await self._call("read the payment method", self.client.v1.payment_methods.retrieve_async(pm_id))
+
+    async def list_cards(self, customer: str, most: int = 1000) -> list[dict[str, Any]] | None:
+        """The customer's saved cards (at most `most`), or None when Stripe has no such customer."""
+
+        async def page(after: str | None) -> Any:
+            params: dict[str, Any] = {"customer": customer, "type": "card", "limit": 100}
+            if after:
+                params["starting_after"] = after
+            try:
+                return await self.client.v1.payment_methods.list_async(params=params)
+            except stripe.InvalidRequestError as exc:
+                if exc.http_status == 404:
+                    return None
+                raise
+
+        cards: list[dict[str, Any]] = []
+        after: str | None = None
+        while len(cards) < most:
+            listed = await self._call("list the customer's cards", page(after))
+            if listed is None:
+                return None
+            items = [item.to_dict() for item in listed.data]
+            cards.extend(items)
+            if not listed.has_more or not items:
+                break
+            after = items[-1]["id"]
+        return cards[:most]
