@@ -58,6 +58,15 @@ def established(pid: int, port: int) -> int:
                if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_ESTABLISHED)
 
 
+def server_side_left(port: int, clients: list[socket.socket]) -> list[str]:
+    """The server's ends of these clients' connections that the kernel still holds, in any
+    state: a socket closed with data unsent lingers (FIN-WAIT, its buffers held) until
+    the data is taken, which from these clients is never."""
+    ports = {sock.getsockname()[1] for sock in clients}
+    return [conn.status for conn in psutil.net_connections(kind="tcp")
+            if conn.laddr and conn.laddr.port == port and conn.raddr and conn.raddr.port in ports]
+
+
 def silent_socket(port: int, request: bytes) -> socket.socket:
     """A client that sends its request and then never reads."""
     sock = socket.socket()
@@ -136,7 +145,7 @@ async def test_clients_that_never_read_are_disconnected_and_forgotten(own_server
 
             # Closed: a few seconds for their last bytes (streams.CLOSE_GRACE, 5 s), then aborted.
             async def all_gone() -> bool:
-                return (established(pid, port) <= baseline_connections
+                return (established(pid, port) <= baseline_connections and server_side_left(port, clients) == []
                         and await metric(ps, 'paystream_connections{transport="sse"}') == 0
                         and await metric(ps, 'paystream_connections{transport="ws"}') == 0)
 

@@ -97,9 +97,9 @@ class DrainingWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def abort_later(self) -> None:
         if self._abort_timer is None and not self.disconnected:
-            self._abort_timer = self.loop.call_later(CLOSE_GRACE, self.abort)
+            self._abort_timer = self.loop.call_later(CLOSE_GRACE, self.cut_off)
 
-    def abort(self) -> None:
+    def cut_off(self) -> None:
         self._abort_timer = None
         if not self.disconnected:
             abort(self.transport._transport)  # type: ignore[attr-defined]
@@ -113,7 +113,7 @@ class DrainingWebSocketProtocol(WebSocketsSansIOProtocol):
                 await asyncio.wait_for(self.writable.wait(), CLOSE_GRACE)
             except TimeoutError:
                 self.close_sent = True
-                self.abort()  # connection_lost tells the app: websocket.disconnect, 1006
+                self.cut_off()  # connection_lost tells the app: websocket.disconnect, 1006
                 return
         await super().send(message)
 
@@ -121,7 +121,7 @@ class DrainingWebSocketProtocol(WebSocketsSansIOProtocol):
         if self.close_sent and self.conn.parser_exc is not None:
             self._discarded += len(data)
             if self._discarded > DISCARD_BYTES:
-                self.abort()
+                self.cut_off()
             else:
                 self.conn.receive_data(data)  # failed: the parser only drops what still comes
             return
