@@ -93,7 +93,23 @@ def test_supported_families() -> None:
     assert is_supported("payment_intent.succeeded")
     assert is_supported("charge.dispute.created")
     assert not is_supported("customer.created")
-    assert not is_supported("checkout.session.completed")
+    assert is_supported("checkout.session.completed")
+    assert not is_supported("product.created")
+
+
+def test_a_checkout_session_completed_is_its_own_transaction_following_its_payment() -> None:
+    event = fixture_event("checkout.session.completed__stripe-ruby-mock")
+    meaning = interpret(event)
+    session = event["data"]["object"]
+    assert (meaning.stripe_id, meaning.kind, meaning.amount, meaning.currency) == (
+        session["id"], "checkout", 3000, "usd")
+    assert meaning.change is not None and meaning.change.status == "succeeded"
+    assert meaning.follows == (session["payment_intent"],) and meaning.links == ()
+    session["payment_status"] = "unpaid"  # a delayed payment method
+    assert interpret(event).change.status == "processing"
+    failed = interpret({**event, "type": "checkout.session.async_payment_failed"}).change
+    assert failed.status == "canceled" and failed.last_error["code"] == "async_payment_failed"
+    assert interpret({**event, "type": "checkout.session.expired"}).change.status == "canceled"
 
 
 def test_invoice_events_and_their_payment_intents() -> None:
