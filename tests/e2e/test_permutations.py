@@ -65,3 +65,42 @@ async def test_every_permutation_ends_in_the_same_status(name: str, ps: Paystrea
         for before, after in itertools.pairwise(log):
             stepped_down = RANK[after["status"]] < RANK[before["status"]]
             assert not stepped_down or '"last_error":{' in after["data"], (before["status"], after["status"])
+
+
+# Subscriptions move both ways: Stripe's time orders them, not a rank.  Bodies are built
+# in Stripe's subscription shape (API 2025-03-31: the period on the items) and signed like
+# Stripe's; the ids are new to the emulator, so no event of its own interferes.
+SUBSCRIPTION_SEQUENCES = {
+    "created incomplete, paid, renewal failed, retry paid": (
+        [("customer.subscription.created", "incomplete"), ("customer.subscription.updated", "active"),
+         ("customer.subscription.updated", "past_due"), ("customer.subscription.updated", "active")], "active"),
+    "updated before created, then canceled": (
+        [("customer.subscription.created", "active"), ("customer.subscription.updated", "past_due"),
+         ("customer.subscription.updated", "unpaid"), ("customer.subscription.deleted", "canceled")], "canceled"),
+}
+
+
+def subscription_event(event_type: str, sub: str, status: str, created: int) -> dict:
+    obj = {"id": sub, "object": "subscription", "status": status, "customer": "cus_perm", "currency": "usd",
+           "cancel_at_period_end": False, "trial_end": None, "metadata": {},
+           "items": {"object": "list", "data": [{"id": "si_perm", "object": "subscription_item", "quantity": 1,
+                                                 "current_period_end": 1_900_000_000,
+                                                 "price": {"id": "price_perm", "unit_amount": 1500,
+                                                           "currency": "usd"}}]}}
+    return {"id": trigger.stripe_id("evt_"), "object": "event", "type": event_type, "created": created,
+            "api_version": "2025-03-31.basil", "livemode": False, "data": {"object": obj}}
+
+
+@pytest.mark.parametrize("name", list(SUBSCRIPTION_SEQUENCES))
+async def test_every_permutation_of_a_subscription_ends_in_the_same_state(name: str, ps: Paystream) -> None:
+    steps, expected = SUBSCRIPTION_SEQUENCES[name]
+    finals = set()
+    for order in itertools.permutations(range(len(steps))):
+        sub, base = trigger.stripe_id("sub_"), int(time.time()) - 100
+        events = [subscription_event(t, sub, s, base + i) for i, (t, s) in enumerate(steps)]
+        for i in order:
+            await ps.deliver(events[i])
+            assert (await ps.deliver(events[i]))["outcome"] == "duplicate"
+        txn = (await ps.get(sub)).json()
+        finals.add((txn["status"], txn["kind"], txn["amount"], txn["current_period_end"], txn["last_error"] is None))
+    assert finals == {(expected, "subscription", 1500, "2030-03-17T17:46:40Z", True)}
