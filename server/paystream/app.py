@@ -28,7 +28,7 @@ from paystream.ingest.backfill import Backfiller
 from paystream.ops import health, metrics, openapi
 from paystream.ops.gc_tuning import GcTuning
 from paystream.ops.logs import setup_logging
-from paystream.payments import create, operations, payment_methods, refresh, subscriptions
+from paystream.payments import create, operations, payment_methods, refresh, refunds, subscriptions
 from paystream.payments.outbound import Deliverer
 from paystream.payments.recovery import Recovery
 from paystream.payments.refresh import RefreshLimits
@@ -143,6 +143,7 @@ def create_app(settings: Settings | None = None, extra_routes: list[BaseRoute] |
         Route("/v1/transactions/{id}/events", sse.sse, methods=["GET"]),
         Route("/v1/transactions/{id}/refresh", refresh.refresh, methods=["POST"]),
         Route("/v1/transactions/{id}/capture", operations.capture, methods=["POST"]),
+        Route("/v1/transactions/{id}/refunds", refunds.create_refund, methods=["POST"]),
         Route("/v1/transactions/{id}/cancel", subscriptions.cancel, methods=["POST"]),  # other kinds: operations.cancel
         WebSocketRoute("/v1/ws", ws.WebSocketEndpoint()),
         Route("/v1/stream-tokens", token_api.create_stream_token, methods=["POST"]),

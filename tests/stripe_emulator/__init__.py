@@ -15,7 +15,7 @@ import importlib
 from types import ModuleType
 
 # Modules of this package, in the order they are installed.
-EXTENSIONS: tuple[str, ...] = ("webhook_endpoints", "checkout", "saved_cards", "subscriptions", "capture")
+EXTENSIONS: tuple[str, ...] = ("webhook_endpoints", "checkout", "saved_cards", "subscriptions", "capture", "refunds")
 
 MODULE = "tests.stripe_emulator"  # what tests.conftest runs (`python -m`)
 

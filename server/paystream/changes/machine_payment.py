@@ -149,6 +149,8 @@ def decide(current: State, change: Change) -> Decision:
     if not change.details:
         return decision
     merged = {**change.details, **(current.details or {})}
+    if "refunds" in change.details:  # the refund records as they stand now (changes/refunds.py): newest wins
+        merged["refunds"] = change.details["refunds"]
     if decision.moves:
         return Decision(tuple(replace(m, details={**merged, **(m.details or {})}) for m in decision.moves),
                         decision.touch)

@@ -59,6 +59,8 @@ def render(row: asyncpg.Record | dict[str, Any]) -> dict[str, Any]:
         "validated": row["validated"],
         "amount_refunded": row["amount_refunded"],
         "dispute": row["dispute"],
+        # Every refund of it, made through paystream or adopted (changes/refunds.py).
+        "refunds": (row.get("details") or {}).get("refunds") or [],
         "seq": row["seq"],
         "updated_at": timestamp(row["updated_at"]),
     }

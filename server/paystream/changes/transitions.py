@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 
 from paystream import effects
-from paystream.changes import follows, reads, store
+from paystream.changes import follows, reads, refunds, store
 from paystream.changes.lifecycle import Change, State, machine_for
-from paystream.ingest.stripe_events import Meaning, interpret
+from paystream.ingest.stripe_events import Meaning, event_time, interpret
 from paystream.ops import metrics
 
 log = logging.getLogger("paystream.transitions")
@@ -145,13 +146,26 @@ async def _route(conn: asyncpg.Connection, event: dict[str, Any], meaning: Meani
     for stripe_id in meaning.links:
         if stripe_id != row["stripe_id"]:
             await store.link(conn, stripe_id, row["id"])
-    if meaning.change is None:
+    if meaning.change is None and not meaning.refunds:
         return "no_change", row["id"], False
-    problem = _beyond_paid(row, meaning.change)
-    if problem is not None:
-        raise Invalid(problem)
-    moved, _ = await apply(conn, row, meaning.change, stripe_event_id=event["id"], cause_type=event["type"],
-                           finish_event=True)
+    if meaning.change is not None:
+        problem = _beyond_paid(row, meaning.change)
+        if problem is not None:
+            raise Invalid(problem)
+    change, listing = meaning.change, None
+    if meaning.refunds and await refunds.adopt(conn, row, meaning.refunds):
+        # The refunds it carries, recorded, and listed in the transaction's JSON by the
+        # same move as the event's own change (one event, one logged move).
+        listing = await refunds.change_for(conn, row, event_time(event))
+        change = listing if change is None else replace(
+            change, details={**(change.details or {}), "refunds": (listing.details or {})["refunds"]})
+    if change is None:
+        return "no_change", row["id"], False  # refunds it carries were recorded already
+    moved, row = await apply(conn, row, change, stripe_event_id=event["id"], cause_type=event["type"],
+                             finish_event=True)
+    if listing is not None and change is not listing and not moved:
+        moved, row = await apply(conn, row, listing, stripe_event_id=event["id"], cause_type=event["type"],
+                                 finish_event=True)
     return ("applied" if moved else "no_change"), row["id"], moved
 
 

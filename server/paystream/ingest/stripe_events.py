@@ -64,6 +64,9 @@ class Meaning:
     # Objects whose own transactions this one follows without speaking for them (a
     # Checkout Session's PaymentIntent): see changes/follows.py.
     follows: tuple[str, ...] = ()
+    # Refund objects the event carries (a refund's own events, a charge's refunds list):
+    # {id, amount, status, reason, failure_reason, paystream_refund_id} (changes/refunds.py).
+    refunds: tuple[dict[str, Any], ...] = ()
 
     @property
     def transaction_ref(self) -> str | None:
@@ -258,7 +261,33 @@ def _charge(event: dict[str, Any], obj: dict[str, Any], at: datetime) -> Meaning
                    "status": _storable(_str(obj.get("status")), "the dispute's status")}
         change = Change("disputed", at, dispute=dispute)
     # charge.failed is reported by payment_intent.payment_failed with the PI's own error.
-    return _base(obj, target, change, "payment")
+    meaning = _base(obj, target, change, "payment")
+    if etype == "charge.refund.updated":
+        return replace(meaning, refunds=_refunds_of(obj))
+    if etype == "charge.refunded":
+        listed = obj.get("refunds")  # expanded by default before API 2022-11-15
+        items = listed.get("data") if isinstance(listed, dict) else None
+        return replace(meaning, refunds=tuple(r for item in (items if isinstance(items, list) else [])
+                                              for r in _refunds_of(item)))
+    return meaning
+
+
+_REFUND_STATUSES = ("pending", "requires_action", "succeeded", "failed", "canceled")
+
+
+def _refunds_of(obj: Any) -> tuple[dict[str, Any], ...]:
+    """The refund `obj` as changes/refunds.py records it; () if it is not one."""
+    if not isinstance(obj, dict) or obj.get("object") != "refund":
+        return ()
+    refund_id, status = _str(obj.get("id"), "the refund's id"), _str(obj.get("status"), "the refund's status")
+    if not refund_id or not refund_id.startswith("re_") or status not in _REFUND_STATUSES:
+        return ()
+    meta = obj.get("metadata")
+    ours = _str(meta.get("paystream_refund_id"), "the refund's metadata") if isinstance(meta, dict) else None
+    return ({"id": refund_id, "amount": _amount(obj.get("amount")), "status": status,
+             "reason": _str(obj.get("reason"), "the refund's reason"),
+             "failure_reason": _str(obj.get("failure_reason"), "the refund's failure_reason"),
+             "paystream_refund_id": ours},)
 
 
 def _refund_failure(refund: dict[str, Any], at: datetime) -> Change:
@@ -270,7 +299,8 @@ def _refund_failure(refund: dict[str, Any], at: datetime) -> Change:
 def _refund(event: dict[str, Any], obj: dict[str, Any], at: datetime) -> Meaning:
     target = _id(obj.get("payment_intent")) or _id(obj.get("charge")) or obj["id"]
     failed = event["type"] == "refund.failed" or obj.get("status") == "failed"
-    return _base(obj, target, _refund_failure(obj, at) if failed else None, "payment")
+    return replace(_base(obj, target, _refund_failure(obj, at) if failed else None, "payment"),
+                   refunds=_refunds_of(obj))
 
 
 def _invoice_payment_intents(invoice: dict[str, Any]) -> tuple[str, ...]:

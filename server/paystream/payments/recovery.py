@@ -17,7 +17,7 @@ from paystream.changes import store, transitions
 from paystream.changes.lifecycle import stripe_now
 from paystream.db import ACQUIRE_TIMEOUT, DATABASE_ERRORS
 from paystream.ops import metrics
-from paystream.payments import subscriptions
+from paystream.payments import refunds, subscriptions
 from paystream.payments.current import change_from_object, change_from_payment_intent
 from paystream.payments.stripe_api import StripeApi, StripeFailure
 
@@ -35,6 +35,7 @@ class Report:
     moved: int = 0
     expiring: int = 0
     parked_expired: int = 0
+    refunds_settled: int = 0
     errors: list[str] = field(default_factory=list)
 
 
@@ -158,6 +159,10 @@ class Recovery(BackgroundTask):
         report.expiring = len(expiring)
         if expiring:
             await self.run_outbox(report)
+        if only is None:
+            moved, errors = await refunds.retry_pending(self.pool, self.api)
+            report.refunds_settled += moved
+            report.errors.extend(errors)
         await self.expire_parked(report)
         return report
 

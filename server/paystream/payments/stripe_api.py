@@ -240,6 +240,19 @@ class StripeApi:
         return await self._call("capture the PaymentIntent", self.client.v1.payment_intents.capture_async(
             pi_id, params=params, options={"idempotency_key": f"paystream-{txn_id}-capture"}))
 
+    async def create_refund(self, refund_id: str, *, payment_intent: str, amount: int, reason: str | None,
+                            metadata: dict[str, str]) -> Any:
+        """Refund `amount` of a PaymentIntent's charge.  Keyed by our refund's id: a retry
+        after a timeout or a 5xx gets the refund Stripe already made, never a second one."""
+        params: dict[str, Any] = {"payment_intent": payment_intent, "amount": amount, "metadata": metadata}
+        if reason:
+            params["reason"] = reason
+        return await self._call("refund the payment", self.client.v1.refunds.create_async(
+            params=params, options={"idempotency_key": f"paystream-{refund_id}"}))
+
+    async def retrieve_refund(self, refund_id: str) -> Any:
+        return await self._call("read the refund", self.client.v1.refunds.retrieve_async(refund_id))
+
     async def cancel_payment_intent(self, txn_id: str, pi_id: str, reason: str) -> Any:
         return await self._call("cancel the PaymentIntent", self.client.v1.payment_intents.cancel_async(
             pi_id, options={"idempotency_key": f"paystream-{txn_id}-cancel-{reason}"}))
