@@ -11,7 +11,7 @@ from paystream.effects import EffectLoadError, Effects, SqlEffect
 
 def test_the_built_ins_come_first_then_the_setting_in_order() -> None:
     loaded = effects.load("tests.effects_probe:effect, sql:public.probe_sql_on_status")
-    assert [e.name for e in loaded] == ["card_validation", "outbound", "wallet", "probe", "sql:public.probe_sql_on_status"]
+    assert [e.name for e in loaded] == ["card_validation", "ledger", "outbound", "wallet", "probe", "sql:public.probe_sql_on_status"]
     assert Effects(loaded).migrations()["probe"].name == "migrations"
 
 
