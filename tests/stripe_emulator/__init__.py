@@ -15,7 +15,8 @@ import importlib
 from types import ModuleType
 
 # Modules of this package, in the order they are installed.
-EXTENSIONS: tuple[str, ...] = ("webhook_endpoints", "checkout", "saved_cards", "subscriptions", "capture", "refunds")
+EXTENSIONS: tuple[str, ...] = ("webhook_endpoints", "checkout", "saved_cards", "subscriptions", "capture", "refunds",
+                              "invoices")
 
 MODULE = "tests.stripe_emulator"  # what tests.conftest runs (`python -m`)
 
