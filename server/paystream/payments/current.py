@@ -2,15 +2,20 @@
 and the outbox read an object and apply its state through the same state machine and
 effects as a webhook.  The change is stamped now (Stripe's whole seconds): it is the
 newest knowledge there is, so a webhook about an older state that arrives later is
-late news and changes nothing."""
+late news and changes nothing.  A subscription is read as its own reads are
+(payments/subscriptions.current: with a failed renewal's error, and authoritative)."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Any
 
+import asyncpg
+
 from paystream.changes.lifecycle import RANK, Change
 from paystream.ingest import checkout
+from paystream.payments import subscriptions
+from paystream.payments.stripe_api import StripeApi
 
 # An invoice's status, as ours (draft and open: nothing paid yet, no news).
 _INVOICE_STATUS = {"paid": "succeeded", "void": "canceled"}
@@ -60,3 +65,11 @@ def change_from_object(obj: Any, at: datetime) -> Change | None:
                                        "message": _get(error, "message")})
         return Change(status, at) if status in RANK else None
     return change_from_payment_intent(obj, at)
+
+
+async def read_now(api: StripeApi, pool: asyncpg.Pool, stripe_id: str, at: datetime) -> Change | None:
+    """Read the transaction's Stripe object and say what it means now.  A subscription
+    (sub_) is no PaymentIntent: read as a PaymentIntent, Stripe would answer 404."""
+    if stripe_id.startswith("sub_"):
+        return await subscriptions.current(api, pool, stripe_id)
+    return change_from_object(await api.retrieve(stripe_id), at)

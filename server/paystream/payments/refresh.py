@@ -27,7 +27,7 @@ from paystream.changes import store, transitions
 from paystream.changes.lifecycle import stripe_now
 from paystream.db import ACQUIRE_TIMEOUT
 from paystream.errors import ApiError
-from paystream.payments.current import change_from_object
+from paystream.payments.current import read_now
 from paystream.payments.stripe_api import StripeApi, StripeFailure
 from paystream.push.streams import read_covered
 
@@ -121,11 +121,10 @@ async def refresh(request: Request) -> JSONResponse:
     else:
         state.refresh_limits.take(row["id"], grant.key, access.address(request))
     try:
-        obj = await api.retrieve(row["stripe_id"])
+        change = await read_now(api, state.pool, row["stripe_id"], stripe_now())
     except StripeFailure as failure:
         raise ApiError(503 if failure.status == 503 else 502, failure.code, failure.message,
                        failure.headers) from None
-    change = change_from_object(obj, stripe_now())
     changed = False
     if change is not None:
         async with state.pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn, conn.transaction():
