@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from contextvars import ContextVar
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -20,7 +20,7 @@ CHANNEL = "paystream"
 
 TXN_COLUMNS = (
     "id, stripe_id, kind, status, amount, currency, customer_id, metadata, last_error,"
-    " validated, seq, status_at, updated_at, amount_refunded, dispute, details"
+    " validated, seq, status_at, updated_at, amount_refunded, dispute, details, authorization_days"
 )
 
 # Each kind's own fields of the transaction JSON, kept in the row's `details`.
@@ -44,6 +44,15 @@ def timestamp(value: datetime) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def _authorization_expires_at(row: asyncpg.Record | dict[str, Any]) -> str | None:
+    """When the recovery sweeper releases a held authorisation (requires_capture since
+    updated_at, for its authorization_days, 7 when it names none); None when not held."""
+    if row["status"] != "requires_capture":
+        return None
+    days = row.get("authorization_days") or 7
+    return timestamp(row["updated_at"] + timedelta(days=days))
+
+
 def render(row: asyncpg.Record | dict[str, Any]) -> dict[str, Any]:
     """The contract's transaction JSON."""
     data = {
@@ -63,6 +72,7 @@ def render(row: asyncpg.Record | dict[str, Any]) -> dict[str, Any]:
         "refunds": (row.get("details") or {}).get("refunds") or [],
         "seq": row["seq"],
         "updated_at": timestamp(row["updated_at"]),
+        "authorization_expires_at": _authorization_expires_at(row),
     }
     if row["kind"] == "checkout":
         data.update(checkout.session_fields(row["status"], row["last_error"], row["amount"]))

@@ -62,6 +62,9 @@ SPEC: dict[str, Any] = {
                                 "description": "the dispute of a disputed payment: {id, amount, currency, status}"},
                     "seq": {"type": "integer", "minimum": 1},
                     "updated_at": {"type": "string", "format": "date-time"},
+                    "authorization_expires_at": {
+                        "type": "string", "format": "date-time", "nullable": True,
+                        "description": "a held authorisation (requires_capture): when paystream releases it"},
                     "timed_out": {"type": "boolean"},
                 },
             },
@@ -83,10 +86,16 @@ SPEC: dict[str, Any] = {
                     "capture_method": {"type": "string", "enum": ["automatic", "manual"]},
                     "metadata": {"type": "object", "additionalProperties": {"type": "string", "maxLength": 500}},
                     "coupon": {"type": "string", "minLength": 1, "maxLength": 255},
+                    "authorization_days": {"type": "integer", "minimum": 1, "maximum": 31,
+                                           "description": "with capture_method manual (default 7)"},
                 }}}}},
             "responses": {"201": _json({"type": "object", "required": ["transaction", "client_secret", "stream_token"],
                                         "properties": {"transaction": _TXN,
                                                        "client_secret": {"type": "string", "nullable": True},
+                                                       "amount_added": {
+                                                           "type": "integer", "minimum": 1,
+                                                           "description": "kind invoice: what the customer's wallet "
+                                                                          "gains once the invoice is paid"},
                                                        "stream_token": {"type": "string"}}}, "created"),
                           **_errors(400, 401, 402, 409, 429, 431, 502, 503)},
         }},

@@ -42,6 +42,9 @@ from paystream.payments.current import change_from_payment_intent
 from paystream.payments.stripe_api import Created, StripeApi, StripeFailure
 
 CARD_VALIDATION_AMOUNT = 100  # $1, authorised then released
+# A held authorisation's days (authorization_days); payments/recovery.py expires it after them.
+DEFAULT_AUTHORIZATION_DAYS, MIN_AUTHORIZATION_DAYS, MAX_AUTHORIZATION_DAYS = 7, 1, 31
+AUTHORIZABLE_KINDS = ("payment", "wallet_top_up")  # kinds that may hold a manual-capture authorisation
 
 # How long a request waits for another request holding its Idempotency-Key: far above a
 # Stripe create's usual second, below a client's usual timeout.
@@ -76,6 +79,9 @@ class CreateTransaction(BaseModel):
     payment_method: str | None = Field(default=None, pattern=r"^pm_[0-9A-Za-z_]{1,250}$")
     off_session: bool | None = None
     confirm: bool | None = None
+    # A manual-capture payment: days its authorisation is held before paystream releases
+    # it (see _check_authorization_days).  Strict: true or "7" is not a number of days.
+    authorization_days: int | None = Field(default=None, strict=True)
 
     @field_validator("customer_id", "coupon", "success_url", "cancel_url", "price")
     @classmethod
@@ -104,6 +110,7 @@ class CreateTransaction(BaseModel):
             raise ApiError(400, "bad_request", "mode, success_url and cancel_url apply to checkout only")
         req = self.model_copy(update={"currency": self.currency.lower()})
         _check_saved_card(req)
+        _check_authorization_days(req)
         if req.kind == "checkout":
             return _checked_checkout(req)
         if req.kind != "subscription" and (req.quantity or req.trial_period_days):
@@ -165,6 +172,21 @@ def _check_saved_card(req: CreateTransaction) -> None:
                            "payment_method, off_session: true and confirm: true")
         if req.capture_method == "manual":
             raise ApiError(400, "bad_request", "a saved card is charged with automatic capture")
+
+
+def _check_authorization_days(req: CreateTransaction) -> None:
+    """authorization_days: how long paystream holds a manual-capture payment's authorisation
+    before it releases it (the sweeper's expiry), 1 to 31; card networks let lodging and
+    similar merchants hold one up to 31 days, most others 7, the default."""
+    if req.authorization_days is None:
+        return
+    if req.capture_method != "manual" or req.kind not in AUTHORIZABLE_KINDS:
+        raise ApiError(400, "bad_request", "authorization_days applies to a payment or wallet_top_up with "
+                       "capture_method \"manual\" (an authorisation held until captured)")
+    if not MIN_AUTHORIZATION_DAYS <= req.authorization_days <= MAX_AUTHORIZATION_DAYS:
+        raise ApiError(400, "bad_request", f"authorization_days must be from {MIN_AUTHORIZATION_DAYS} to "
+                       f"{MAX_AUTHORIZATION_DAYS} (days an uncaptured authorisation is held; up to 31 for "
+                       f"lodging, as card networks allow), not {req.authorization_days}")
 
 
 async def _check_card_is_customers(api: StripeApi, req: CreateTransaction) -> None:
@@ -352,6 +374,9 @@ async def _start(conn: asyncpg.Connection, req: CreateTransaction,
         currency=req.currency, customer_id=req.customer_id, metadata=req.metadata,
         change=Change("incomplete" if req.kind == "subscription" else "requires_payment_method", BEFORE_STRIPE),
         stripe_event_id=None, cause_type="paystream.transaction.created")
+    if req.capture_method == "manual" and req.kind in AUTHORIZABLE_KINDS:
+        days = req.authorization_days or DEFAULT_AUTHORIZATION_DAYS
+        await conn.execute("UPDATE transactions SET authorization_days = $2 WHERE id = $1", txn_id, days)
     await transitions.unpark(conn, txn_id)
     return row
 

@@ -1,6 +1,7 @@
 """Calls to Stripe that committed changes asked for (the outbox), and the sweeper that
-re-checks transactions Stripe's webhooks left stuck.  Both record what they did as
-events with a `cause` and push them like any other change."""
+re-checks transactions Stripe's webhooks left stuck and releases authorisations held past
+their transaction's authorization_days.  Both record what they did as events with a
+`cause` and push them like any other change."""
 
 from __future__ import annotations
 
@@ -23,8 +24,10 @@ from paystream.payments.stripe_api import StripeApi, StripeFailure
 
 log = logging.getLogger("paystream.recovery")
 
-AUTHORIZATION_LIFETIME = timedelta(days=7)
-SWEEP_READS = 100  # Stripe reads per sweep pass, at most (its live rate limit is 100/s)  # Stripe releases an uncaptured card authorisation
+# Days an authorisation is held when its transaction names none (created before
+# authorization_days existed, or a card validation, which releases its own at once).
+DEFAULT_AUTHORIZATION_DAYS = 7
+SWEEP_READS = 100  # Stripe reads per sweep pass, at most (its live rate limit is 100/s)
 
 
 @dataclass
@@ -149,13 +152,14 @@ class Recovery(BackgroundTask):
                                                        cause_type="paystream.reconcile")
                     report.moved += int(moved)
                 await conn.execute("UPDATE transactions SET checked_at = clock_timestamp() WHERE id = $1", row["id"])
+        # Held since it reached requires_capture (updated_at: nothing else moves it there).
         expiring = await self.pool.fetch(
             """INSERT INTO outbox (kind, transaction_id)
                SELECT 'expire_authorization', id FROM transactions
                 WHERE status = 'requires_capture' AND stripe_id LIKE 'pi\\_%'
-                  AND updated_at < clock_timestamp() - $1::interval
+                  AND updated_at < clock_timestamp() - make_interval(days => coalesce(authorization_days, $1))
                   AND ($2::text[] IS NULL OR id = ANY($2) OR stripe_id = ANY($2))
-               ON CONFLICT DO NOTHING RETURNING id""", AUTHORIZATION_LIFETIME, only)
+               ON CONFLICT DO NOTHING RETURNING id""", DEFAULT_AUTHORIZATION_DAYS, only)
         report.expiring = len(expiring)
         if expiring:
             await self.run_outbox(report)
