@@ -26,7 +26,9 @@ TXN_COLUMNS = (
 # Each kind's own fields of the transaction JSON, kept in the row's `details`.
 KIND_FIELDS: dict[str, tuple[str, ...]] = {
     "subscription": ("current_period_end", "cancel_at_period_end", "trial_end", "next_payment_attempt"),
-    "invoice": ("subscription_id",),
+    # amount_added: what an invoice made by POST /v1/transactions adds to its customer's
+    # wallet once paid (effects/wallet.py); null on other invoices (a subscription's).
+    "invoice": ("subscription_id", "amount_added"),
 }
 
 

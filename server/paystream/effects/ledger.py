@@ -5,11 +5,14 @@ Double entry in ledger_entries, credits positive and debits negative; every grou
 business fact that sums to zero per currency (the schema refuses any other at commit)
 and the table is append-only, so a correction is always a new, reversing group.
 Accounts: `stripe:clearing` (the money at Stripe), `merchant:revenue`, `stripe:disputed`
-(funds a dispute holds) and `wallet:<customer>` (what a customer's wallet holds).
+(funds a dispute holds), `wallet:<customer>` (what a customer's wallet holds) and
+`merchant:discounts` (wallet credit coupons gave beyond what was paid).
 
 * A transaction that took money (status succeeded or after it) posts `capture:<txn>`:
-  clearing −amount, revenue +amount.  Wallet top-ups are the wallet effect's
-  (effects/wallet.py): their money is the customer's, posted as `topup:<txn>`.
+  clearing −amount, revenue +amount.  Wallet top-ups, and invoices made by POST
+  /v1/transactions (the coupon flow, which add `amount_added` to the wallet), are the
+  wallet effect's (effects/wallet.py): their money is the customer's, posted as
+  `topup:<txn>` (an invoice's discount from `merchant:discounts`).
 * A refund posts `refund:<txn>:<total>`: revenue −part, clearing +part, up to Stripe's
   running total `amount_refunded`.
 * A failed refund (the transaction's `last_error` says `refund_failed`) is put back once,
@@ -34,7 +37,14 @@ from typing import Any
 import asyncpg
 
 from paystream.changes.lifecycle import DISPUTE_FUNDS_WITHDRAWN, REFUNDABLE
-from paystream.effects.wallet import CLEARING, wallet_account
+from paystream.effects.wallet import (
+    CLEARING,
+    DISCOUNTS,
+    amount_added,
+    credit_reversed,
+    credits_wallet,
+    wallet_account,
+)
 
 log = logging.getLogger("paystream.effects.ledger")
 
@@ -126,7 +136,7 @@ class Ledger:
 
     async def on_status(self, conn: asyncpg.Connection, transaction: dict[str, Any],
                         previous_status: str | None) -> dict[str, Any] | None:
-        if transaction["kind"] in WALLET_KINDS:
+        if credits_wallet(transaction):
             await self._wallet_refund_failed(conn, transaction)
             return None
         taken = captured(transaction)
@@ -229,6 +239,14 @@ def expected(txn: dict[str, Any], put_back: int) -> dict[str, int]:
     amounts (for a wallet top-up, only where no dispute or failed refund makes the wallet
     effect's caps matter).  `put_back`: what its failed refunds gave back, as posted."""
     taken = captured(txn)
+    added = amount_added(txn)
+    if added is not None:  # an invoice of the coupon flow: see effects/wallet.py
+        if not txn.get("customer_id") or txn["status"] not in REFUNDABLE:
+            return {}
+        price, back = max(0, int(txn["amount"])), refunded(txn)
+        reversed_ = credit_reversed(added, price, back)
+        return {wallet_account(txn["customer_id"]): added - reversed_, CLEARING: back - price,
+                DISCOUNTS: price - added + reversed_ - back}
     if txn["kind"] in WALLET_KINDS:
         if not txn.get("customer_id") or taken <= 0:
             return {}
@@ -266,7 +284,7 @@ async def check(conn: asyncpg.Connection | asyncpg.Pool, *, transaction: str | N
     named, named_args = _transaction_filters(transaction, customer, since, first=len(args) + 1)
     rows = await conn.fetch(
         f"""SELECT t.id, t.kind, t.status, t.amount, t.currency, t.customer_id, t.amount_refunded, t.dispute,
-                   t.last_error,
+                   t.last_error, t.details,
                    (SELECT coalesce(jsonb_object_agg(account, total), '{{}}') FROM
                       (SELECT account, sum(amount)::bigint AS total FROM ledger_entries x
                         WHERE x.transaction_id = t.id GROUP BY account) s) AS moved,
@@ -282,17 +300,19 @@ async def check(conn: asyncpg.Connection | asyncpg.Pool, *, transaction: str | N
                 OR ({named})
              ORDER BY t.id""", *args, *named_args)
     for row in rows:
-        txn = {**dict(row), "dispute": _json(row["dispute"]), "last_error": _json(row["last_error"])}
+        txn = {**dict(row), "dispute": _json(row["dispute"]), "last_error": _json(row["last_error"]),
+               "amount_added": (_json(row["details"]) or {}).get("amount_added")}
         moved = {k: v for k, v in _json(row["moved"]).items() if v}
         want = {k: v for k, v in expected(txn, row["put_back"]).items() if v}
-        wallet_caps = txn["kind"] in WALLET_KINDS and (withdrawn_dispute(txn) or row["put_back"])
+        wallet_caps = credits_wallet(txn) and (withdrawn_dispute(txn) or row["put_back"])
         if not wallet_caps and moved != want:
             yield {"problem": "transaction_disagrees", "transaction_id": row["id"], "status": row["status"],
                    "amount": row["amount"], "amount_refunded": row["amount_refunded"], "expected": want,
                    "posted": moved}
-        elif wallet_caps and not 0 <= moved.get(wallet_account(txn["customer_id"]), 0) <= captured(txn):
+        elif wallet_caps and not 0 <= moved.get(wallet_account(txn["customer_id"]), 0) <= (
+                amount_added(txn) or captured(txn)):
             yield {"problem": "wallet_out_of_bounds", "transaction_id": row["id"], "posted": moved}
-        elif not wallet_caps and row["refunds"] != refunded(txn):
+        elif not wallet_caps and amount_added(txn) is None and row["refunds"] != refunded(txn):
             yield {"problem": "refunds_disagree", "transaction_id": row["id"],
                    "amount_refunded": row["amount_refunded"], "posted_refunds": row["refunds"]}
 

@@ -2,7 +2,13 @@
 customer's wallet; a refund reverses the refunded part; a dispute reverses the disputed
 part while it holds the funds, and posts it back if won.  Double entry: every group of
 entries sums to zero (the schema checks it at commit), and each group's key is unique, so
-no replay or reorder can post it twice."""
+no replay or reorder can post it twice.
+
+An invoice made by POST /v1/transactions (the coupon flow) is a top-up too: paid, it
+adds its `amount_added` (the amount asked for) to the wallet while the customer paid its
+`amount` (less the coupon), the difference taken from `merchant:discounts`; a refund
+takes back the share of the credit that the refunded share of the price bought (all of
+it for a full refund), never more than the invoice still credits."""
 
 from __future__ import annotations
 
@@ -16,6 +22,29 @@ from paystream.changes.lifecycle import DISPUTE_FUNDS_WITHDRAWN, REFUNDABLE
 log = logging.getLogger("paystream.effects.wallet")
 
 CLEARING = "stripe:clearing"
+DISCOUNTS = "merchant:discounts"  # what coupons gave: credit added beyond the price paid
+
+
+def amount_added(txn: dict[str, Any]) -> int | None:
+    """What a paid invoice adds to its customer's wallet: its `amount_added`, set on
+    invoices made by POST /v1/transactions; None for any other transaction (a
+    subscription's invoice, one adopted from Stripe, a payment)."""
+    value = txn.get("amount_added") if txn["kind"] == "invoice" else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def credits_wallet(txn: dict[str, Any]) -> bool:
+    """Its money is the customer's (a wallet top-up, an invoice that adds to the wallet),
+    posted by this effect rather than to the merchant's revenue."""
+    return txn["kind"] == "wallet_top_up" or amount_added(txn) is not None
+
+
+def credit_reversed(added: int, price: int, refunded: int) -> int:
+    """The part of `added` a refund of `refunded` out of `price` takes back: the same share,
+    rounded down, and all of it once the whole price is refunded."""
+    if price <= 0 or refunded <= 0:
+        return 0
+    return added if refunded >= price else added * refunded // price
 
 
 def wallet_account(customer_id: str) -> str:
@@ -66,11 +95,49 @@ async def _dispute(conn: asyncpg.Connection, txn: dict[str, Any]) -> None:
             await _post(conn, f"dispute_won:{txn['id']}:{dispute['id']}", txn, taken)
 
 
+async def _post_legs(conn: asyncpg.Connection, group: str, txn: dict[str, Any], legs: list[tuple[str, int]]) -> None:
+    """One balanced group of any number of legs (none of zero); nothing if posted already."""
+    legs = [(account, amount) for account, amount in legs if amount]
+    if legs:
+        await conn.execute(
+            """INSERT INTO ledger_entries (entry_group, transaction_id, account, amount, currency)
+               SELECT $1, $2, account, amount, $5 FROM unnest($3::text[], $4::bigint[]) AS l (account, amount)
+               ON CONFLICT (entry_group, account) DO NOTHING""",
+            group, txn["id"], [a for a, _ in legs], [m for _, m in legs], txn["currency"])
+
+
+async def _invoice(conn: asyncpg.Connection, txn: dict[str, Any], added: int) -> None:
+    """A paid invoice of the coupon flow: the wallet gains `added`, clearing the price
+    paid, discounts the difference (`topup:<txn>`, once); each refund total reverses its
+    share of the credit (`refund:<txn>:<total refunded>`), capped by what is still credited."""
+    wallet, price = wallet_account(txn["customer_id"]), max(0, int(txn["amount"]))
+    await _post_legs(conn, f"topup:{txn['id']}", txn, [(wallet, added), (CLEARING, -price), (DISCOUNTS, price - added)])
+    await _dispute(conn, txn)
+    refunded = min(int(txn.get("amount_refunded") or 0), price)
+    prefix = f"refund:{txn['id']}:"
+    reversed_so_far = -await _posted(conn, txn, prefix)
+    money_so_far = await conn.fetchval(
+        """SELECT coalesce(sum(amount), 0)::bigint FROM ledger_entries
+            WHERE transaction_id = $1 AND account = $2 AND starts_with(entry_group, $3)""", txn["id"], CLEARING, prefix)
+    reverse = min(credit_reversed(added, price, refunded) - reversed_so_far, await _posted(conn, txn, ""))
+    money = refunded - money_so_far
+    if reverse > 0 or money > 0:
+        reverse = max(reverse, 0)
+        await _post_legs(conn, f"{prefix}{refunded}", txn, [(wallet, -reverse), (CLEARING, money), (DISCOUNTS, reverse - money)])
+
+
 class WalletLedger:
     name = "wallet"
 
     async def on_status(self, conn: asyncpg.Connection, transaction: dict[str, Any],
                         previous_status: str | None) -> dict[str, Any] | None:
+        added = amount_added(transaction)
+        if added is not None and transaction["customer_id"]:
+            if transaction["status"] in REFUNDABLE:
+                await _invoice(conn, transaction, added)
+            return {"balance": {"customer_id": transaction["customer_id"],
+                                "amount": await wallet_balance(conn, transaction["customer_id"]),
+                                "currency": transaction["currency"]}}
         if transaction["kind"] != "wallet_top_up":
             return None
         customer = transaction["customer_id"]

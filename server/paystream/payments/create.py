@@ -26,7 +26,7 @@ from datetime import timedelta
 from typing import Any, Literal
 
 import asyncpg
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, PrivateAttr, field_validator
 from starlette.datastructures import State
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -65,6 +65,9 @@ class CreateTransaction(BaseModel):
     capture_method: Literal["automatic", "manual"] | None = None
     metadata: dict[str, str] = Field(default_factory=dict, max_length=40)
     coupon: str | None = Field(default=None, min_length=1, max_length=255)  # invoices only
+    # An invoice's price after its coupon (_priced_invoice): the transaction's amount, while
+    # `amount` is what the invoice adds to the customer's wallet once paid.
+    _invoice_due: int | None = PrivateAttr(default=None)
     # Checkout Sessions only (kind "checkout"): see _checked_checkout.
     mode: Literal["payment", "subscription", "setup"] | None = None
     success_url: str | None = Field(default=None, min_length=1, max_length=2048)
@@ -321,6 +324,8 @@ async def create(state: State, raw: bytes, key: str | None) -> tuple[int, dict[s
         assert req.customer_id and req.price and req.quantity
         amount, currency = await subscriptions.priced(api, req.customer_id, req.price, req.quantity)
         req = req.model_copy(update={"amount": amount, "currency": currency})
+    if req.kind == "invoice":  # an unknown customer or coupon is refused before anything is stored
+        req._invoice_due = await _priced_invoice(api, req)
     if req.payment_method:
         await _check_card_is_customers(api, req)
     if api.breaker.state == "open" and api.breaker.retry_after() > 0:
@@ -377,6 +382,10 @@ async def _start(conn: asyncpg.Connection, req: CreateTransaction,
     if req.capture_method == "manual" and req.kind in AUTHORIZABLE_KINDS:
         days = req.authorization_days or DEFAULT_AUTHORIZATION_DAYS
         await conn.execute("UPDATE transactions SET authorization_days = $2 WHERE id = $1", txn_id, days)
+    if req.kind == "invoice":  # pays its price after the coupon; adds `amount` to the wallet once paid
+        await conn.execute("UPDATE transactions SET amount = $2, details = $3 WHERE id = $1", txn_id,
+                           req._invoice_due if req._invoice_due is not None else req.amount,
+                           {"amount_added": req.amount})
     await transitions.unpark(conn, txn_id)
     return row
 
@@ -411,6 +420,9 @@ async def _call_stripe(state: State, api: StripeApi, req: CreateTransaction, row
                                ttl_seconds=min(3600, state.settings.max_token_ttl))
         if row["kind"] == "checkout":
             body = {"transaction": store.render(row), "url": created.url, "stream_token": token}
+        elif row["kind"] == "invoice":
+            body = {"transaction": store.render(row), "client_secret": created.client_secret,
+                    "amount_added": (row["details"] or {}).get("amount_added"), "stream_token": token}
         else:
             body = {"transaction": store.render(row), "client_secret": created.client_secret,
                     "stream_token": token}
@@ -436,9 +448,10 @@ async def _create_at_stripe(api: StripeApi, row: asyncpg.Record, req: CreateTran
                        amount=total if isinstance(total, int) and total >= 0 else None,
                        currency=(session.currency or "").lower() or None)
     if req.kind == "invoice":
-        assert req.customer_id is not None
-        return await api.create_invoice(row["id"], amount=row["amount"], currency=row["currency"],
-                                        customer=req.customer_id, coupon=req.coupon, metadata=metadata)
+        assert req.customer_id is not None and req.amount is not None
+        return _created_invoice(await api.create_invoice(
+            row["id"], amount=req.amount, currency=row["currency"], customer=req.customer_id, coupon=req.coupon,
+            metadata=metadata))
     if req.off_session:
         assert req.customer_id and req.payment_method
         pi = await api.charge_saved_card(row["id"], amount=row["amount"], currency=row["currency"],
@@ -454,6 +467,64 @@ async def _create_at_stripe(api: StripeApi, row: asyncpg.Record, req: CreateTran
     return await api.create_payment_intent(
         row["id"], amount=row["amount"], currency=row["currency"], customer=req.customer_id,
         capture_method=req.capture_method or "automatic", metadata=metadata)
+
+
+async def _priced_invoice(api: StripeApi, req: CreateTransaction) -> int:
+    """An invoice's customer and coupon, checked before anything is stored (Stripe has
+    them, and the coupon can still be applied: valid, redemptions left, an amount_off
+    in the invoice's currency), and what the customer will pay: `amount` less the
+    coupon's discount.  Stripe's own amount_due replaces it once the invoice is made;
+    this one is there first, so an event of an invoice paid at once (nothing due) finds
+    the right price."""
+    assert req.customer_id is not None and req.amount is not None
+    await _read(api.retrieve_customer(req.customer_id), "unknown_customer",
+                f"Stripe has no customer {req.customer_id}")
+    if not req.coupon:
+        return req.amount
+    coupon = await _read(api.retrieve_coupon(req.coupon), "unknown_coupon", f"Stripe has no coupon {req.coupon}")
+    most, used = coupon.get("max_redemptions"), coupon.get("times_redeemed") or 0
+    if coupon.get("valid") is False or (isinstance(most, int) and used >= most):
+        raise ApiError(400, "coupon_expired", f"the coupon {req.coupon} can no longer be redeemed")
+    percent, off = coupon.get("percent_off"), coupon.get("amount_off")
+    if isinstance(off, int):
+        if str(coupon.get("currency") or "").lower() != req.currency:
+            raise ApiError(400, "coupon_not_applicable", f"the coupon {req.coupon} takes {off} off in "
+                           f"{coupon.get('currency')}, not in {req.currency}")
+        return req.amount - min(off, req.amount)
+    if isinstance(percent, int | float) and 0 <= percent <= 100:
+        return req.amount - min(req.amount, int(round(req.amount * percent / 100)))
+    raise ApiError(400, "coupon_not_applicable", f"the coupon {req.coupon} has neither amount_off nor percent_off")
+
+
+async def _read(call: Any, code: str, missing: str) -> dict[str, Any]:
+    """A Stripe object read by id; a 400 with `code` when Stripe has no such object."""
+    try:
+        obj = await call
+    except StripeFailure as failure:
+        if failure.status == 400:  # a read by id is refused only for an id Stripe does not have
+            raise ApiError(400, code, missing) from None
+        raise ApiError(failure.status, failure.code, failure.message, headers=failure.headers) from None
+    obj = obj.to_dict() if hasattr(obj, "to_dict") else dict(obj or {})
+    if obj.get("deleted"):
+        raise ApiError(400, code, missing)
+    return obj
+
+
+def _created_invoice(invoice: Any) -> Created:
+    """The finalised invoice: its confirmation secret for the page, its PaymentIntents to
+    link, what Stripe asks the customer to pay, and `succeeded` if nothing was due (Stripe
+    marks such an invoice paid as it finalises it)."""
+    secret_obj = getattr(invoice, "confirmation_secret", None)
+    links = []
+    for item in getattr(getattr(invoice, "payments", None), "data", None) or []:
+        pi = getattr(getattr(item, "payment", None), "payment_intent", None)
+        if isinstance(pi, str):
+            links.append(pi)
+    due = getattr(invoice, "amount_due", None)
+    return Created(invoice.id, getattr(secret_obj, "client_secret", None) if secret_obj else None,
+                   links=tuple(links), amount=due if isinstance(due, int) and due >= 0 else None,
+                   currency=(getattr(invoice, "currency", None) or "").lower() or None,
+                   change=Change("succeeded", stripe_now()) if invoice.status == "paid" else None)
 
 
 def _off_session_change(pi: Any) -> Change | None:

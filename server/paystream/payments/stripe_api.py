@@ -67,6 +67,23 @@ async def _checkout_refusals(coro: Any) -> Any:
         raise
 
 
+async def _invoice_refusals(coro: Any) -> Any:
+    """Stripe's refusals of an invoice's coupon as precise 400s (unknown_coupon,
+    coupon_expired, unknown_customer) rather than a generic refusal."""
+    try:
+        return await coro
+    except stripe.InvalidRequestError as exc:
+        param = exc.param or ""
+        if "coupon" in param and exc.code == "resource_missing":
+            raise StripeFailure(400, "unknown_coupon", exc.user_message or "no such coupon") from None
+        if "coupon" in param or exc.code == "coupon_expired":
+            raise StripeFailure(400, "coupon_expired" if exc.code == "coupon_expired" else "coupon_not_applicable",
+                                exc.user_message or "the coupon cannot be applied") from None
+        if exc.code == "resource_missing" and param == "customer":
+            raise StripeFailure(400, "unknown_customer", exc.user_message or "no such customer") from None
+        raise
+
+
 class StripeApi:
     def __init__(self, api_key: str, api_base: str | None = None, timeout: float = 10, *,
                  breaker: Breaker | None = None, budget: Budget | None = None) -> None:
@@ -150,31 +167,37 @@ class StripeApi:
         return Created(pi.id, pi.client_secret)
 
     async def create_invoice(self, txn_id: str, *, amount: int, currency: str, customer: str,
-                             coupon: str | None, metadata: dict[str, str]) -> Created:
-        """An invoice for `amount` (an invoice item), with the coupon as its discount,
-        finalised so that it has a PaymentIntent the browser can pay."""
-        await self._call("add an invoice item", self.client.v1.invoice_items.create_async(
-            params={"customer": customer, "amount": amount, "currency": currency,
-                    "description": f"paystream {txn_id}"},
-            options={"idempotency_key": f"paystream-{txn_id}-item"}))
-        params: dict[str, Any] = {"customer": customer, "metadata": metadata}
+                             coupon: str | None, metadata: dict[str, str]) -> Any:
+        """A one-off invoice for `amount`, with the coupon as its discount, finalised so
+        that it has a PaymentIntent the browser can pay; the finalised invoice, with its
+        `confirmation_secret` and `payments` expanded.
+
+        The draft is made first and the item added to it by id, so none of the
+        customer's other pending items is pulled in (Stripe's
+        pending_invoice_items_behavior, `exclude` by default since API 2022-08-01: an
+        item made before the invoice would be left out of it).  Each step has its own
+        idempotency key, so a retry after a 5xx gets the same invoice, item and
+        finalisation.  A coupon Stripe does not have or no longer honours is
+        `400 unknown_coupon` / `400 coupon_expired`."""
+        params: dict[str, Any] = {"customer": customer, "currency": currency, "metadata": metadata,
+                                  "pending_invoice_items_behavior": "exclude",
+                                  "collection_method": "charge_automatically"}
         if coupon:
             params["discounts"] = [{"coupon": coupon}]
-        invoice = await self._call("create an invoice", self.client.v1.invoices.create_async(
-            params=params, options={"idempotency_key": f"paystream-{txn_id}-invoice"}))
+        invoice = await self._call("create an invoice", _invoice_refusals(self.client.v1.invoices.create_async(
+            params=params, options={"idempotency_key": f"paystream-{txn_id}-invoice"})))
+        await self._call("add an invoice item", self.client.v1.invoice_items.create_async(
+            params={"customer": customer, "invoice": invoice.id, "amount": amount, "currency": currency,
+                    "description": f"paystream {txn_id}"},
+            options={"idempotency_key": f"paystream-{txn_id}-item"}))
         # Since API 2025-03-31 an invoice has no payment_intent field: the browser pays
         # with its confirmation_secret, and its PaymentIntents are listed under payments.
-        invoice = await self._call("finalize the invoice", self.client.v1.invoices.finalize_invoice_async(
+        return await self._call("finalize the invoice", self.client.v1.invoices.finalize_invoice_async(
             invoice.id, params={"expand": ["confirmation_secret", "payments"]},
             options={"idempotency_key": f"paystream-{txn_id}-finalize"}))
-        secret_obj = getattr(invoice, "confirmation_secret", None)
-        secret = getattr(secret_obj, "client_secret", None) if secret_obj else None
-        links = []
-        for item in getattr(getattr(invoice, "payments", None), "data", None) or []:
-            pi = getattr(getattr(item, "payment", None), "payment_intent", None)
-            if isinstance(pi, str):
-                links.append(pi)
-        return Created(invoice.id, secret, links=tuple(links))
+
+    async def retrieve_coupon(self, coupon_id: str) -> Any:
+        return await self._call("read the coupon", self.client.v1.coupons.retrieve_async(coupon_id))
 
     async def retrieve_payment_intent(self, pi_id: str) -> Any:
         return await self._call("read the PaymentIntent", self.client.v1.payment_intents.retrieve_async(pi_id))
