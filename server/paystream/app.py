@@ -30,6 +30,7 @@ from paystream.ops.gc_tuning import GcTuning
 from paystream.ops.logs import setup_logging
 from paystream.payments import create, operations, payment_methods, refresh, refunds, subscriptions
 from paystream.payments.outbound import Deliverer
+from paystream.payments.reconcile_report import Reconciler
 from paystream.payments.recovery import Recovery
 from paystream.payments.refresh import RefreshLimits
 from paystream.payments.stripe_api import StripeApi
@@ -87,7 +88,7 @@ def create_app(settings: Settings | None = None, extra_routes: list[BaseRoute] |
         hub = Hub(pool, listener, queue_limit=settings.subscriber_queue_limit,
                   queue_bytes=settings.subscriber_buffer_bytes)
         api = StripeApi.from_settings(settings) if settings.stripe_api_key else None
-        recovery = backfiller = None
+        recovery = backfiller = reconciler = None
         app.state.refresh_limits = RefreshLimits(settings.refresh_rate)
         if api is not None:
             recovery = Recovery(pool, api, stuck_after=timedelta(seconds=settings.stuck_after_seconds),
@@ -98,6 +99,11 @@ def create_app(settings: Settings | None = None, extra_routes: list[BaseRoute] |
             # Events Stripe never delivered, from its event log: at start-up, then periodically.
             backfiller = Backfiller(pool, api, settings.backfill_interval_seconds)
             backfiller.start()
+            if settings.reconcile_interval_seconds > 0:
+                # Paced at a quarter of the Stripe budget: customers' calls come first.
+                reconciler = Reconciler(pool, api, settings.reconcile_interval_seconds,
+                                        pace=4 / settings.stripe_rate)
+                reconciler.start()
         # Signed webhooks to the merchant's backend (PAYSTREAM_OUTBOUND_URL), from every process.
         outbound = Deliverer.from_settings(pool, dsn, settings)
         if outbound is not None:
@@ -130,6 +136,8 @@ def create_app(settings: Settings | None = None, extra_routes: list[BaseRoute] |
                 await recovery.stop()
             if backfiller is not None:
                 await backfiller.stop()
+            if reconciler is not None:
+                await reconciler.stop()
             if outbound is not None:
                 await outbound.stop()
             await hub.stop()

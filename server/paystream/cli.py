@@ -312,6 +312,11 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     from paystream.payments.recovery import Recovery, Report
     from paystream.payments.stripe_api import StripeApi
 
+    if args.report:
+        return _reconcile_report(args)
+    if args.since is not None:
+        print("paystream reconcile: --since goes with --report", file=sys.stderr)
+        return 2
     settings, url = _stripe_command("reconcile")
     _effects_or_exit("reconcile", url)  # it applies what it reads from Stripe
 
@@ -319,17 +324,46 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         pool = await db.create_pool(url, 2)
         try:
             recovery = Recovery(pool, StripeApi.from_settings(settings),
-                                stuck_after=timedelta(seconds=args.older_than),
+                                stuck_after=timedelta(seconds=900 if args.older_than is None
+                                                      else args.older_than),
                                 parked_expiry=timedelta(seconds=settings.parked_expiry_seconds))
             report = Report()
             await recovery.run_outbox(report)
-            return await recovery.sweep(report, args.id or None)
+            await recovery.sweep(report, args.id or None)
+            return await recovery.count_stuck(report)
         finally:
             await pool.close()
 
     report = asyncio.run(once())
     print(json.dumps(report.__dict__))
     return 1 if report.errors else 0
+
+
+def _reconcile_report(args: argparse.Namespace) -> int:
+    """`paystream reconcile --report`: compare, change nothing (no effects are loaded)."""
+    from datetime import UTC, datetime, timedelta
+
+    from paystream import db
+    from paystream.payments import reconcile_report
+    from paystream.payments.stripe_api import StripeApi
+
+    if args.id or args.older_than is not None:
+        print("paystream reconcile: --report takes --since, not --id or --older-than", file=sys.stderr)
+        return 2
+    settings, url = _stripe_command("reconcile")
+    summary = reconcile_report.Summary(args.since or datetime.now(UTC) - timedelta(days=1))
+
+    async def run() -> None:
+        pool = await db.create_pool(url, 2)
+        try:
+            async for difference in reconcile_report.report(pool, StripeApi.from_settings(settings), summary):
+                print(json.dumps(difference.as_json()), flush=True)
+        finally:
+            await pool.close()
+
+    asyncio.run(run())
+    print(json.dumps({"summary": summary.as_json()}))
+    return 1 if summary.differences or not summary.complete else 0
 
 
 def cmd_events(args: argparse.Namespace) -> int:
@@ -653,15 +687,28 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the folder's name, or its parent's if it is called migrations)")
     p.set_defaults(func=cmd_migrate)
 
-    p = sub.add_parser("reconcile", help="re-check stuck transactions with Stripe once, now",
+    p = sub.add_parser("reconcile", help="re-check stuck transactions with Stripe once, now; or report differences",
                        description="Run the recovery pass once: pending Stripe calls from the "
-                       "outbox, then re-read from Stripe every transaction stuck in processing or "
-                       "requires_action, and expire authorisations left uncaptured for 7 days. "
-                       "Prints what it did as JSON.")
-    p.add_argument("--older-than", type=float, default=900, metavar="SECONDS",
-                   help="how long a transaction must have been stuck (default 900)")
+                       "outbox, then re-read from Stripe every transaction not settled with no news "
+                       "for --older-than, and release authorisations left uncaptured past their "
+                       "authorization_days (default 7). Prints what it did as JSON (`stuck`: "
+                       "transactions still unsettled past --older-than); exits 1 if a Stripe call failed. "
+                       "With --report it changes nothing: it reads from Stripe every transaction touched "
+                       "since --since and prints each difference from what paystream holds as a JSON line "
+                       "({transaction_id, stripe_id, kind, field, ours, stripe}; fields: status, amount, "
+                       "amount_refunded, dispute), then {\"summary\": {since, checked, differences, fields, "
+                       "complete, errors}}; exits 1 if anything differs or Stripe could not be read "
+                       "for every transaction (complete false). Servers run the report every "
+                       "PAYSTREAM_RECONCILE_INTERVAL seconds (default 86400; 0: never), one at a time.")
+    p.add_argument("--older-than", type=float, default=None, metavar="SECONDS",
+                   help="how long a transaction must have been without news (default 900)")
     p.add_argument("--id", action="append", default=[], metavar="ID",
                    help="re-check only this txn_ or pi_ id (repeatable)")
+    p.add_argument("--report", action="store_true",
+                   help="change nothing: print each difference from Stripe as a JSON line, then a summary")
+    p.add_argument("--since", type=_timestamp, default=None, metavar="TIME",
+                   help="with --report: transactions touched from TIME on (ISO 8601, or a duration ago "
+                        "such as 6h; default 24h)")
     p.set_defaults(func=cmd_reconcile)
 
     p = sub.add_parser("events", help="list stored Stripe events; re-process failed ones",

@@ -45,9 +45,14 @@ class Settings(BaseSettings):
     max_header_bytes: int = Field(default=16 * 1024, alias="PAYSTREAM_MAX_HEADER_BYTES")
     long_poll_max_seconds: float = 60.0
     db_pool_size: int = Field(default=10, alias="PAYSTREAM_DB_POOL")
-    # The sweeper re-checks processing / requires_action transactions older than this.
+    # The sweeper re-reads a transaction not settled with no news for this long, and counts
+    # those still unsettled past it (paystream_transactions_stuck).
     stuck_after_seconds: float = Field(default=900, alias="PAYSTREAM_STUCK_AFTER")
     recovery_interval_seconds: float = Field(default=60, alias="PAYSTREAM_RECOVERY_INTERVAL")
+    # Seconds between reconcile reports (payments/reconcile_report.py: transactions touched
+    # since the last one compared with Stripe, differences counted and logged), one process
+    # at a time across the deployment; 0 runs none.
+    reconcile_interval_seconds: float = Field(default=86400, ge=0, alias="PAYSTREAM_RECONCILE_INTERVAL")
     # Calls to Stripe (paystream.payments.breaker): the timeout of one attempt (stripe-python
     # makes up to three), the breaker's threshold of consecutive failures and how long it
     # stays open before a probe, and the per-process budget in calls a second (Stripe

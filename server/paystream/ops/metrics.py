@@ -48,6 +48,19 @@ INVALID = Counter("paystream_events_invalid_total",
 PARKED_EXPIRED = Counter("paystream_parked_events_expired_total",
                          "Stripe events parked for a transaction that was never written, expired after "
                          "PAYSTREAM_PARKED_EXPIRY (outcome expired)")
+# Transactions and Stripe disagreeing (payments/recovery.py, payments/reconcile_report.py).
+TRANSACTIONS_STUCK = Gauge("paystream_transactions_stuck",
+                           "Transactions linked to Stripe, not settled (before succeeded or canceled), that have "
+                           "not moved for PAYSTREAM_STUCK_AFTER, by status (database-wide, set by each recovery pass)",
+                           ["status"])
+RECONCILE_DIFFERENCES = Counter("paystream_reconcile_differences_total",
+                                "Differences between a transaction and its Stripe object found by the periodic "
+                                "reconcile report (PAYSTREAM_RECONCILE_INTERVAL), by field", ["field"])
+RECONCILE_RUNS = Counter("paystream_reconcile_runs_total",
+                         "Periodic reconcile reports this process ran, by result: clean, differences, incomplete "
+                         "(some transactions could not be read from Stripe)", ["result"])
+RECONCILE_LAST_RUN = Gauge("paystream_reconcile_last_run_timestamp_seconds",
+                           "When this process last finished a periodic reconcile report (Unix time; 0: not yet)")
 CONNECTIONS = Gauge("paystream_connections", "Open streaming connections", ["transport"])
 PUSHED = Counter("paystream_events_pushed_total", "Events handed to subscribers")
 PUSHED_FROM_NOTIFY = Counter("paystream_notifications_pushed_total",

@@ -1,7 +1,8 @@
 """Calls to Stripe that committed changes asked for (the outbox), and the sweeper that
 re-checks transactions Stripe's webhooks left stuck and releases authorisations held past
 their transaction's authorization_days.  Both record what they did as events with a
-`cause` and push them like any other change."""
+`cause` and push them like any other change.  Each pass of the server's loop also
+counts the transactions still unsettled past stuck_after (paystream_transactions_stuck)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ class Report:
     expiring: int = 0
     parked_expired: int = 0
     refunds_settled: int = 0
+    stuck: int = 0
     errors: list[str] = field(default_factory=list)
 
 
@@ -51,6 +53,7 @@ class Recovery(BackgroundTask):
         self.stuck_after, self.interval = stuck_after, interval
         self.parked_expiry = parked_expiry
         self._kick = asyncio.Event()
+        self._stuck_statuses: set[str] = set()
 
     def kick(self, *_: object) -> None:
         """Run the outbox now (a change just asked for a Stripe call)."""
@@ -69,6 +72,7 @@ class Recovery(BackgroundTask):
                 if loop_now - last_sweep >= self.interval:
                     last_sweep = loop_now
                     await self.sweep(report)
+                    await self.count_stuck(report)
             except DATABASE_ERRORS as exc:
                 log.warning("recovery pass failed: %s", exc)
 
@@ -168,6 +172,24 @@ class Recovery(BackgroundTask):
             report.refunds_settled += moved
             report.errors.extend(errors)
         await self.expire_parked(report)
+        return report
+
+    async def count_stuck(self, report: Report) -> Report:
+        """Set paystream_transactions_stuck{status}: transactions linked to Stripe that have
+        not settled (not succeeded, canceled or after) and have not moved for stuck_after,
+        database-wide, after this pass's reads.  The sweeper keeps re-reading them; an
+        alert (docs/alerts.yml) says when some stay."""
+        rows = await self.pool.fetch(
+            """SELECT status, count(*) AS n FROM transactions
+                WHERE paystream_status_rank(status) < 5 AND stripe_id IS NOT NULL
+                  AND updated_at < clock_timestamp() - $1::interval
+                GROUP BY status""", self.stuck_after)
+        counts = {r["status"]: r["n"] for r in rows}
+        # A status counted before and not now reads 0, not its last count.
+        for status in self._stuck_statuses | set(counts):
+            metrics.TRANSACTIONS_STUCK.labels(status).set(counts.get(status, 0))
+        self._stuck_statuses |= set(counts)
+        report.stuck = sum(counts.values())
         return report
 
     # --- parked events --------------------------------------------------------------------
