@@ -1,6 +1,7 @@
 """Signed webhooks to the merchant's backend, end to end: a real `paystream serve` POSTs to
 a backend in this process that verifies every message with the standardwebhooks library,
-refuses some at random, goes away for a while, and sees paystream killed mid-delivery."""
+refuses some at random, goes away for a while, and sees paystream killed mid-delivery;
+and every event of a subscription's and a Checkout Session's life (issue 23)."""
 
 from __future__ import annotations
 
@@ -27,8 +28,10 @@ from paystream.dev import trigger
 from paystream.dev.localstripe import LocalStripe
 from paystream.dev.processes import free_port
 from paystream.effects.outbound import webhook_id
+from paystream.ingest.stripe_events import is_supported
 from paystream.payments.outbound import ATTEMPTS, JITTER, RETRY_DELAYS
 from tests.conftest import ARTIFACTS, Server
+from tests.e2e.new_kinds import DECLINED, IBAN_OK, URLS, VISA, Stripe, own_emulator
 from tests.support import Paystream, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -410,3 +413,109 @@ def test_serve_refuses_outbound_settings_that_cannot_work(database_url: str, env
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and named in lines[0], out.stderr
     assert env.get("PAYSTREAM_OUTBOUND_SECRET", "@@") not in out.stderr
+
+
+# --- kinds subscription and checkout (issue 23) ------------------------------------------
+
+
+async def test_every_logged_event_of_a_subscription_and_a_checkout_session_reaches_the_backend_once_in_order(
+        database_url: str, db: asyncpg.Connection) -> None:
+    """A subscription's whole life (incomplete, active once the page pays, past_due on a
+    failed renewal, active on its paid retry, canceled at period end, then now) and a
+    Checkout Session paid by a delayed method (processing, then succeeded), driven
+    through the emulator whose webhooks reach this server alone: every event logged for
+    them and for the invoices and PaymentIntent they made reaches the merchant's backend
+    signed, accepted once per webhook-id, in seq order, while the backend refuses some."""
+    backend = Backend(refuse=0.3)
+    await backend.start()
+    with own_emulator(lost=False) as emulator:
+        server = Server(database_url, outbound_env(backend, emulator, scale=0.0005))
+        try:
+            await asyncio.to_thread(server.start)
+            emulator.register_webhook(f"{server.base_url}/v1/stripe/webhook", server.webhook_secret)
+            async with Paystream(server) as ps, Stripe(emulator.url) as stripe:
+                async def reaches(any_id: str, **fields: object) -> dict:
+                    async def there() -> dict | None:
+                        body = (await ps.get(any_id)).json()
+                        return body if all(body.get(k) == v for k, v in fields.items()) else None
+                    return await wait_until(there, timeout=20, what=f"{any_id} with {fields}")
+
+                customer, price = await stripe.customer(), await stripe.monthly_price(1700)
+                resp = await ps.http.post("/v1/transactions", headers=ps.backend, json={
+                    "kind": "subscription", "customer_id": customer, "price": price})
+                assert resp.status_code == 201, resp.text
+                sub_txn, secret = resp.json()["transaction"], resp.json()["client_secret"]
+                sub = sub_txn["stripe_id"]
+                assert (await stripe.pay(secret.split("_secret_")[0], VISA))["status"] == "succeeded"
+                await reaches(sub, status="active")
+                await stripe.default_card(customer, DECLINED)
+                renewal = await stripe.post("/v1/invoices", customer=customer, subscription=sub)
+                assert (await stripe.http.post(f"/v1/invoices/{renewal['id']}/pay")).status_code == 402
+                await reaches(sub, status="past_due")
+                await stripe.default_card(customer, VISA)
+                assert (await stripe.http.post(f"/v1/invoices/{renewal['id']}/pay")).status_code == 200
+                await reaches(sub, status="active", last_error=None)
+                cancel = f"/v1/transactions/{sub_txn['id']}/cancel"
+                assert (await ps.http.post(cancel, headers=ps.backend, json={"at_period_end": True})).status_code == 200
+                assert (await ps.http.post(cancel, headers=ps.backend)).status_code == 200
+                await reaches(sub, status="canceled")
+
+                resp = await ps.http.post("/v1/transactions", headers=ps.backend, json={
+                    "kind": "checkout", "mode": "payment", "amount": 4200, "currency": "eur", **URLS})
+                assert resp.status_code == 201, resp.text
+                session_txn = resp.json()["transaction"]
+                session = session_txn["stripe_id"]
+                await stripe.complete(session, iban=IBAN_OK)
+                await reaches(session, status="succeeded")
+
+                invoices = (await stripe.http.get("/v1/invoices", params={"subscription": sub})).json()["data"]
+                pi = (await stripe.http.get(f"/v1/checkout/sessions/{session}")).json()["payment_intent"]
+                objects = [sub, session, pi, *(i["id"] for i in invoices)]
+                assert len(objects) == 5
+
+                async def quiet() -> bool:
+                    """Every event the emulator posted is applied and every read it asked for made."""
+                    posted = [e["id"] for e in await stripe.events() if is_supported(e["type"])]
+                    applied = await db.fetchval("SELECT count(*) FROM stripe_events WHERE id = ANY($1)"
+                                                " AND processed_at IS NOT NULL", posted)
+                    reading = await db.fetchval("SELECT count(*) FROM outbox o JOIN transactions t"
+                                                " ON t.id = o.transaction_id WHERE t.stripe_id = ANY($1)"
+                                                " AND o.done_at IS NULL", objects)
+                    return applied == len(posted) and reading == 0
+
+                await wait_until(quiet, timeout=30, what="the emulator's events applied")
+                want = await logged(db, objects)
+                assert {k[0] for k in want} == set(
+                    await db.fetchval("SELECT array_agg(id) FROM transactions WHERE stripe_id = ANY($1)", objects))
+
+                async def all_received() -> bool:
+                    return set(backend.accepted(set(want))) == set(want)
+
+                await wait_until(all_received, timeout=45, what="every logged event at the backend")
+            got = backend.accepted(set(want))
+            assert all(r.body is not None for r in backend.requests), "every message verifies"
+            for key, request in got.items():
+                assert request.body["type"] == f"transaction.{want[key]['status']}"
+                assert request.body["data"] == want[key]["data"]
+                assert request.webhook_id == webhook_id(*key)
+            mine = [r for r in backend.requests if r.key in want]
+            accepted = [r.key for r in mine if r.accepted]
+            assert sorted(accepted) == sorted(want), "each logged event accepted exactly once"
+            for (txn, seq), first in got.items():
+                later = [r.n for r in mine if r.key == (txn, seq + 1)]
+                assert not later or min(later) > first.n, f"{txn}: seq {seq + 1} was sent before seq {seq}"
+            lives: dict[str, list[str]] = {}  # each transaction's statuses as delivered, a repeat once
+            for (txn, _seq), event in sorted(want.items()):
+                life = lives.setdefault(txn, [])
+                if not life or life[-1] != event["status"]:
+                    life.append(event["status"])
+            assert lives[sub_txn["id"]] == ["incomplete", "active", "past_due", "active", "canceled"]
+            assert lives[session_txn["id"]] == ["requires_payment_method", "processing", "succeeded"]
+            assert any(r.answer != 204 for r in mine), "the backend refused some attempts"
+            rows = await db.fetch("SELECT delivered_at IS NOT NULL AS done FROM outbound_deliveries d"
+                                  " JOIN transactions t ON t.id = d.transaction_id WHERE t.stripe_id = ANY($1)",
+                                  objects)
+            assert len(rows) == len(want) and all(r["done"] for r in rows)
+        finally:
+            server.stop()
+            await backend.stop()
