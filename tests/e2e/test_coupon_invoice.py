@@ -26,7 +26,7 @@ from tests.support import SSE, Paystream, StripeJs, wait_until
 
 pytestmark = pytest.mark.e2e
 
-VISA = "4242424242424242"
+VISA, DECLINED = "4242424242424242", "4000000000000341"
 ADD = 5000
 
 
@@ -231,6 +231,40 @@ async def test_refunds_take_back_the_share_of_the_credit_they_paid_for(
     assert len(posted) == 3 and await wallet(db, customer) == 0
     out = ledger_check(server, "--transaction", txn["id"])
     assert (out.returncode, out.stdout.strip()) == (0, '{"problems": 0}'), out.stdout + out.stderr
+
+
+async def test_a_declined_card_credits_nothing(ps: Paystream, stripe_js: StripeJs, db: asyncpg.Connection,
+                                              server: Server) -> None:
+    customer, code = await stripe_js.customer(), await coupon(stripe_js, percent_off=20)
+    created = (await create(ps, customer_id=customer, coupon=code)).json()
+    txn = created["transaction"]
+    async with ps.sse(txn["id"], token=created["stream_token"]) as stream:
+        await stream.event()
+        declined = await stripe_js.pay(created["client_secret"].split("_secret_")[0], DECLINED)
+        assert declined.status_code == 402, declined.text
+        failed = await stream.event(timeout=20)
+    assert failed is not None and failed.json["status"] == "requires_payment_method"
+    assert failed.json["last_error"] is not None
+    await wait_until(lambda: processed(db, txn["stripe_id"], "invoice.payment_failed"), 20,
+                     "the invoice's payment_failed, processed")
+    assert await groups(db, txn["id"]) == {} and await wallet(db, customer) == 0
+    out = ledger_check(server, "--transaction", txn["id"])
+    assert (out.returncode, out.stdout.strip()) == (0, '{"problems": 0}'), out.stdout + out.stderr
+
+
+async def test_one_idempotency_key_is_one_invoice(ps: Paystream, stripe_js: StripeJs, db: asyncpg.Connection) -> None:
+    customer, code = await stripe_js.customer(), await coupon(stripe_js, percent_off=20)
+    body = {"kind": "invoice", "amount": ADD, "customer_id": customer, "coupon": code}
+    headers = {**ps.backend, "Idempotency-Key": f"coupon-{customer}"}
+    answers = await asyncio.gather(*(ps.http.post("/v1/transactions", headers=headers, json=body) for _ in range(3)))
+    assert [a.status_code for a in answers] == [201] * 3, [a.text for a in answers]
+    assert len({json.dumps(a.json(), sort_keys=True) for a in answers}) == 1
+    assert answers[0].json()["amount_added"] == ADD
+    assert await db.fetchval("SELECT count(*) FROM transactions WHERE customer_id = $1", customer) == 1
+    invoices = (await stripe_js.http.get("/v1/invoices", params={"customer": customer})).json()["data"]
+    assert [i["id"] for i in invoices] == [answers[0].json()["transaction"]["stripe_id"]]
+    coupon_now = (await stripe_js.http.get(f"/v1/coupons/{code}")).json()
+    assert coupon_now["times_redeemed"] == 1
 
 
 @pytest.mark.parametrize("case", ["unknown_coupon", "unknown_customer", "other_currency", "used_up", "no_customer"])
