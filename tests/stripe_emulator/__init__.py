@@ -16,7 +16,7 @@ from types import ModuleType
 
 # Modules of this package, in the order they are installed.
 EXTENSIONS: tuple[str, ...] = ("webhook_endpoints", "checkout", "saved_cards", "subscriptions", "capture", "refunds",
-                              "invoices")
+                              "invoices", "events")
 
 MODULE = "tests.stripe_emulator"  # what tests.conftest runs (`python -m`)
 
