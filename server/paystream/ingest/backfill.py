@@ -73,8 +73,9 @@ async def backfill(pool: asyncpg.Pool, api: StripeApi, since: int | None = None)
         report.listed = len(events)
         stored = {r["id"] for r in await pool.fetch(
             "SELECT id FROM stripe_events WHERE id = ANY($1::text[])", [e.get("id") for e in events])}
-        # Stripe lists newest first; apply in the order they happened.
-        for event in sorted(events, key=lambda e: (e.get("created") or 0)):
+        # Stripe lists newest first; apply in the order they happened.  `created` has whole
+        # seconds: reversed first, the stable sort keeps events of one second oldest first.
+        for event in sorted(reversed(events), key=lambda e: (e.get("created") or 0)):
             if event.get("id") in stored:
                 continue
             try:
