@@ -26,11 +26,12 @@ CREATE INDEX ledger_entries_created_idx ON ledger_entries (created_at);
 
 -- Opening entries for what was paid before the ledger covered it, under the keys the
 -- effect uses, so a later event of the same transaction posts only what is new.
--- Wallet top-ups already have theirs (the wallet effect).
+-- Wallet top-ups already have theirs (the wallet effect); a Checkout Session's money is its
+-- PaymentIntent's, posted there.
 WITH paid AS (
   SELECT id, amount, currency, least(amount_refunded, amount) AS refunded, dispute
     FROM transactions
-   WHERE kind <> 'wallet_top_up' AND amount > 0
+   WHERE kind NOT IN ('wallet_top_up', 'checkout') AND amount > 0
      AND status IN ('succeeded', 'partially_refunded', 'refunded', 'disputed')),
 disputed AS (
   SELECT id, currency, dispute ->> 'id' AS du, dispute ->> 'status' AS st,

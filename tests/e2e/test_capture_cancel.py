@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import asyncpg
 import pytest
 
 from paystream.dev.localstripe import LocalStripe
@@ -46,6 +47,7 @@ async def test_capture_is_pushed_and_idempotent(ps: Paystream, stripe_js: Stripe
         resp = await post(ps, txn, "capture", {"amount": amount} if amount else {})
         assert resp.status_code == 200, resp.text
         assert resp.json()["transaction"]["status"] == "succeeded"
+        assert resp.json()["transaction"]["amount"] == (amount or 1500)  # what was taken
         frame = await stream.event()
         while frame is not None and frame.json["status"] != "succeeded":
             frame = await stream.event()
@@ -98,3 +100,35 @@ async def test_what_cannot_be_done_is_a_precise_4xx(ps: Paystream, stripe_js: St
     assert missing.status_code == 404
     no_key = await ps.http.post(f"/v1/transactions/{txn}/capture", json={})
     assert no_key.status_code == 401
+
+
+async def test_a_capture_before_the_authorisation_is_refused_and_does_not_block_the_real_one(
+        ps: Paystream, stripe_js: StripeJs) -> None:
+    resp = await ps.http.post("/v1/transactions", headers=ps.backend, json={
+        "kind": "payment", "amount": 1500, "currency": "usd", "capture_method": "manual"})
+    txn, pi = resp.json()["transaction"]["id"], resp.json()["transaction"]["stripe_id"]
+    early = await post(ps, txn, "capture")
+    assert early.status_code == 409 and early.json()["error"]["code"] == "not_capturable"
+    assert (await stripe_js.pay(pi, VISA)).status_code == 200
+    late = await post(ps, txn, "capture")
+    assert late.status_code == 200, late.text
+    assert late.json()["transaction"]["status"] == "succeeded"
+
+
+async def test_a_partial_capture_of_a_top_up_credits_only_what_was_taken(
+        ps: Paystream, stripe_js: StripeJs, db: asyncpg.Connection) -> None:
+    customer = await stripe_js.customer()
+    resp = await ps.http.post("/v1/transactions", headers=ps.backend, json={
+        "kind": "wallet_top_up", "amount": 10000, "currency": "usd", "customer_id": customer,
+        "capture_method": "manual"})
+    assert resp.status_code == 201, resp.text
+    txn, pi = resp.json()["transaction"]["id"], resp.json()["transaction"]["stripe_id"]
+    assert (await stripe_js.pay(pi, VISA)).status_code == 200
+    captured_ = await post(ps, txn, "capture", {"amount": 100})
+    assert captured_.status_code == 200, captured_.text
+    assert captured_.json()["transaction"]["amount"] == 100
+    balance = await db.fetchval("SELECT coalesce(sum(amount), 0) FROM ledger_entries WHERE account = $1",
+                                f"wallet:{customer}")
+    assert balance == 100
+    over = await ps.http.post(f"/v1/transactions/{txn}/refunds", headers=ps.backend, json={"amount": 101})
+    assert over.status_code == 400 and over.json()["error"]["code"] == "refund_exceeds_captured"

@@ -69,7 +69,7 @@ async def until(stream: SSE, status: str) -> list[dict[str, Any]]:
 
 
 async def test_create_answers_the_hosted_page_and_paying_there_pushes_succeeded(
-        ps: Paystream, customer: Customer, merchant: stripe.StripeClient) -> None:
+        ps: Paystream, customer: Customer, merchant: stripe.StripeClient, db: asyncpg.Connection) -> None:
     created = await create(ps, mode="payment", amount=3000, currency="usd", metadata={"order": "A-1"})
     txn = created["transaction"]
     session = txn["stripe_id"]
@@ -90,6 +90,15 @@ async def test_create_answers_the_hosted_page_and_paying_there_pushes_succeeded(
     pi = (await merchant.v1.checkout.sessions.retrieve_async(session)).payment_intent
     payment = await wait_until(lambda: _found(ps, pi), what="the session's PaymentIntent adopted")
     assert payment["kind"] == "payment" and "session_status" not in payment
+
+    async def paid_once() -> bool:
+        # The money is the PaymentIntent's: its transaction posts it, the session (which
+        # follows it) posts nothing of its own, so revenue is not counted twice.
+        rows = await db.fetch("""SELECT transaction_id, sum(amount) AS amount FROM ledger_entries
+                                  WHERE account = 'merchant:revenue' AND transaction_id = ANY($1)
+                                  GROUP BY 1""", [txn["id"], payment["id"]])
+        return [tuple(r) for r in rows] == [(payment["id"], 3000)]
+    await wait_until(paid_once, what="the payment's revenue posted once, by its own transaction")
 
 
 async def _found(ps: Paystream, any_id: str) -> dict[str, Any] | None:

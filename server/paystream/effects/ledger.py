@@ -54,6 +54,9 @@ DISPUTED = "stripe:disputed"
 # revenue (the wallet effect posts their credit, refunds and disputes).
 WALLET_KINDS = frozenset({"wallet_top_up"})
 DISPUTE_CLOSED = frozenset({"won", "lost"})
+# A Checkout Session's money is its PaymentIntent's (or its subscription's invoices'), each
+# a transaction of its own that posts it; the session only follows them (changes/follows.py).
+NO_MONEY_OF_THEIR_OWN = frozenset({"checkout"})
 
 
 async def _post(conn: asyncpg.Connection, group: str, txn: dict[str, Any],
@@ -82,7 +85,7 @@ async def _sum(conn: asyncpg.Connection, txn_id: str, account: str, prefix: str)
 def captured(txn: dict[str, Any]) -> int:
     """What the transaction took.  (A partial capture, when the transaction carries
     `amount_captured`, took that.)"""
-    if txn["status"] not in REFUNDABLE:
+    if txn["status"] not in REFUNDABLE or txn["kind"] in NO_MONEY_OF_THEIR_OWN:
         return 0
     return max(0, int(txn.get("amount_captured", txn["amount"]) or 0))
 

@@ -547,7 +547,14 @@ async def _record_failure(pool: asyncpg.Pool, txn_id: str, failure: StripeFailur
     async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn, conn.transaction():
         row = await store.lock_by_id(conn, txn_id)
         if row is not None and row["stripe_id"] is None:
-            await transitions.apply(
-                conn, row, Change("incomplete_expired" if row["kind"] == "subscription" else "requires_payment_method",
-                                  stripe_now(), failure.as_error()),
-                stripe_event_id=None, cause_type="paystream.stripe_error")
+            if row["kind"] == "subscription":
+                if failure.status >= 500:
+                    # No answer: it may exist at Stripe (and be charged).  It stays as it is,
+                    # incomplete and older than any Stripe event, so its events, or a retry
+                    # with the same key, still move it; an end here would refuse them all.
+                    return
+                status = "incomplete_expired"  # refused: it will never exist
+            else:
+                status = "requires_payment_method"
+            await transitions.apply(conn, row, Change(status, stripe_now(), failure.as_error()),
+                                    stripe_event_id=None, cause_type="paystream.stripe_error")

@@ -53,10 +53,32 @@ async def _payment(request: Request) -> tuple[StripeApi, Any]:
     return api, row
 
 
+def _get(obj: Any, name: str) -> Any:
+    return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
+
+
+def _amount_captured(pi: Any) -> int | None:
+    """What Stripe took of a captured PaymentIntent: its amount_received, else its charge's
+    amount_captured."""
+    received = _get(pi, "amount_received")
+    if isinstance(received, int) and received > 0:
+        return received
+    charge = _get(pi, "latest_charge")
+    taken = _get(charge, "amount_captured") if charge is not None and not isinstance(charge, str) else None
+    return taken if isinstance(taken, int) and taken > 0 else None
+
+
 async def _apply(request: Request, row: Any, pi: Any, cause: str) -> JSONResponse:
     change = change_from_payment_intent(pi, stripe_now())
     async with request.app.state.pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn, conn.transaction():
         locked = await store.lock_by_id(conn, row["id"])
+        taken = _amount_captured(pi) if cause == "paystream.capture" else None
+        if taken is not None and taken < locked["amount"]:
+            # A partial capture: the transaction's amount becomes what was taken (the rest
+            # was released), so the wallet credits, the ledger posts and refunds are bounded
+            # by what the customer paid, not by what was authorised.
+            await conn.execute("UPDATE transactions SET amount = $2 WHERE id = $1", locked["id"], taken)
+            locked = await store.lock_by_id(conn, row["id"])
         if change is not None:
             _, locked = await transitions.apply(conn, locked, change, stripe_event_id=None, cause_type=cause)
     return JSONResponse({"transaction": store.render(locked)})
@@ -82,7 +104,15 @@ async def capture(request: Request) -> JSONResponse:
         raise ApiError(400, "capture_exceeds_authorized",
                        f"amount {req.amount} is more than the {row['amount']} authorised")
     try:
-        pi = await api.capture_payment_intent(row["id"], row["stripe_id"], req.amount)
+        # Read first: a capture Stripe refuses would be kept under its idempotency key for
+        # a day, and a capture once the payment is authorised would get that refusal back.
+        pi = await api.retrieve_payment_intent(row["stripe_id"])
+        if _get(pi, "status") == "requires_capture":
+            key = f"{req.amount or 'all'}"
+            pi = await api.capture_payment_intent(row["id"], row["stripe_id"], req.amount, key)
+        elif _get(pi, "status") != "succeeded":
+            raise ApiError(409, "not_capturable", f"the payment is {_get(pi, 'status')} at Stripe, not authorised:"
+                           " there is nothing to capture yet")
     except StripeFailure as failure:
         raise _stripe_error(failure) from None
     return await _apply(request, row, pi, "paystream.capture")

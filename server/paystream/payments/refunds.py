@@ -195,10 +195,13 @@ async def retry_pending(pool: asyncpg.Pool, api: StripeApi, older_than: float = 
                     metadata={**(row["metadata"] or {}), "paystream_refund_id": row["id"],
                               "transaction_id": row["transaction_id"]})
         except StripeFailure as failure:
-            await pool.execute("UPDATE refunds SET claimed_until = NULL WHERE id = $1", row["id"])
             errors.append(f"refund {row['id']}: {failure.message}")
             if failure.status >= 500:
+                await pool.execute("UPDATE refunds SET claimed_until = NULL WHERE id = $1", row["id"])
                 break
+            # Refused: it will never be made (as create_refund settles a refusal).
+            await settle(pool, row["transaction_id"], row["id"], None, "failed", failure.message)
+            moved += 1
             continue
         await settle(pool, row["transaction_id"], row["id"], _get(made, "id"), _get(made, "status") or "pending",
                      _get(made, "failure_reason"))

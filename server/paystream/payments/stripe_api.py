@@ -256,12 +256,13 @@ class StripeApi:
                 return
             after = items[-1]["id"]
 
-    async def capture_payment_intent(self, txn_id: str, pi_id: str, amount: int | None) -> Any:
-        """Capture all of an authorisation, or `amount` of it.  Keyed by the transaction:
-        Stripe captures a PaymentIntent once, and a repeat returns the same answer."""
+    async def capture_payment_intent(self, txn_id: str, pi_id: str, amount: int | None, variant: str = "all") -> Any:
+        """Capture all of an authorisation, or `amount` of it.  Keyed by the transaction and
+        the amount asked (`variant`): Stripe captures a PaymentIntent once, a repeat gets the
+        same answer, and another amount is not refused as a reused key."""
         params: dict[str, Any] = {"amount_to_capture": amount} if amount is not None else {}
         return await self._call("capture the PaymentIntent", self.client.v1.payment_intents.capture_async(
-            pi_id, params=params, options={"idempotency_key": f"paystream-{txn_id}-capture"}))
+            pi_id, params=params, options={"idempotency_key": f"paystream-{txn_id}-capture-{variant}"}))
 
     async def create_refund(self, refund_id: str, *, payment_intent: str, amount: int, reason: str | None,
                             metadata: dict[str, str]) -> Any:
