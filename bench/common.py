@@ -94,7 +94,9 @@ def fleet(nodes: int, clients: int = 0, pg: str = "system", **env: str) -> Itera
 
     database = FreshDatabase(pg)
     if clients:
-        env = {"PAYSTREAM_MAX_STREAMS_PER_ADDRESS": str(clients + 100), **env}
+        # Every client comes from 127.0.0.1: raise the per-address stream and connection caps.
+        env = {"PAYSTREAM_MAX_STREAMS_PER_ADDRESS": str(clients + 100),
+               "PAYSTREAM_MAX_CONNECTIONS_PER_ADDRESS": str(clients + 1000), **env}
     try:
         servers = start_nodes(database.url, nodes, env)
     except BaseException:
