@@ -268,10 +268,14 @@ def cmd_dev(args: argparse.Namespace) -> int:
         from paystream.dev.localstripe import LocalStripe
         from paystream.dev.processes import free_port
 
-        local = LocalStripe(free_port(), _data_dir(), pid_file=_data_dir() / "localstripe.pid").start()
+        # localstripe with prices and Checkout Sessions (the demo's plan and hosted page);
+        # its sessions send the customer to the demo's stand-in for Stripe's page.
+        os.environ.setdefault("PAYSTREAM_EMULATOR_CHECKOUT_PAGE", f"{base}/demo/hosted/")
+        local = LocalStripe(free_port(), _data_dir(), pid_file=_data_dir() / "localstripe.pid",
+                            extensions="paystream.dev.emulator").start()
         local.register_webhook(f"{base}/v1/stripe/webhook", os.environ["STRIPE_WEBHOOK_SECRET"].split(",")[0])
         os.environ["STRIPE_API_BASE"] = local.url
-        stripe_line = f"  local Stripe   {local.url} (localstripe; cards 4242…, 3-D Secure 4000 0000 0000 3220, decline …0341)"
+        stripe_line = f"  local Stripe   {local.url} (localstripe with prices and Checkout; cards 4242…, 3-D Secure 4000 0000 0000 3220, decline …0341)"
     print(
         "\n".join([
             "",

@@ -1,4 +1,5 @@
-"""The local Stripe stand-in (the `localstripe` package) for `paystream dev` and tests.
+"""The local Stripe stand-in (the `localstripe` package) for `paystream dev` and tests;
+`paystream dev` runs it with `--extensions paystream.dev.emulator`.
 
 Started with --from-scratch, or it reloads a pickle shared by every run on the machine.
 It posts signed webhooks about 1 s late and never emits payment_intent.created,
@@ -42,12 +43,15 @@ def _die_with(parent: int) -> None:
 
 class LocalStripe:
     def __init__(self, port: int, log_dir: Path | None = None, pid_file: Path | None = None,
-                 module: str = "paystream.dev.localstripe", cwd: Path | None = None) -> None:
+                 module: str = "paystream.dev.localstripe", cwd: Path | None = None,
+                 extensions: str | None = None) -> None:
         """`module` is what runs it (`python -m module --port N`, in `cwd`): this one, or
         one that adds resources to localstripe's app and then calls serve() (the tests'
-        emulator)."""
+        emulator).  `extensions` (this module only): a package whose install_all(server)
+        extends localstripe first, as `paystream dev` runs it with paystream.dev.emulator."""
         self.port = port
         self.module, self.cwd = module, cwd
+        self.extensions = extensions
         self.url = f"http://127.0.0.1:{port}"
         log_dir = log_dir or Path(tempfile.gettempdir())
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -65,7 +69,8 @@ class LocalStripe:
         guard = (lambda: _die_with(parent)) if (
             sys.platform == "linux" and threading.current_thread() is threading.main_thread()) else None
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", self.module, "--port", str(self.port)],
+            [sys.executable, "-m", self.module, "--port", str(self.port),
+             *(["--extensions", self.extensions] if self.extensions else [])],
             stdout=log, stderr=log, preexec_fn=guard, cwd=self.cwd)  # noqa: PLW1509 - no threads run it
         atexit.register(self.stop)
         if self.pid_file is not None:
@@ -141,7 +146,15 @@ def serve(port: int) -> None:
 
 if __name__ == "__main__":
     import argparse
+    import importlib
 
     parser = argparse.ArgumentParser(description="localstripe on 127.0.0.1, from scratch")
     parser.add_argument("--port", type=int, required=True)
-    serve(parser.parse_args().port)
+    parser.add_argument("--extensions", help="a package whose install_all(server) extends localstripe first "
+                        "(paystream.dev.emulator: prices, default_incomplete subscriptions, Checkout Sessions)")
+    args = parser.parse_args()
+    if args.extensions:
+        from localstripe import server as localstripe_server
+
+        importlib.import_module(args.extensions).install_all(localstripe_server)
+    serve(args.port)

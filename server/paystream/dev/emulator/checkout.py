@@ -5,8 +5,9 @@ __stripe-ruby-mock.json) and its webhooks signed and posted the way localstripe 
 own events: checkout.session.completed, .expired, .async_payment_succeeded and
 .async_payment_failed.
 
-TEST-ONLY, not Stripe's API: POST /v1/checkout/sessions/{id}/_complete stands in for the
-customer on Stripe's hosted page.  With `card` (a 16-digit test card number) it creates
+EMULATOR-ONLY, not Stripe's API: POST /v1/checkout/sessions/{id}/_complete stands in for
+the customer on Stripe's hosted page (the tests call it; so does /demo/hosted, the page
+`paystream dev` shows in its place).  With `card` (a 16-digit test card number) it creates
 the session's PaymentIntent and pays it, as Checkout does: paid at once, or, for a
 declining card, 402 with the session left open (payment_intent.payment_failed is
 posted, as Stripe does).  With `iban` (a SEPA Debit test IBAN) the payment is delayed:
@@ -16,12 +17,16 @@ setup mode the card is saved (a SetupIntent); in subscription mode the customer 
 if the session had none) gets the card as default and localstripe's subscription of
 the price.
 
+A session's `url` is Stripe's hosted page (https://checkout.stripe.com/c/pay/cs_…),
+or under PAYSTREAM_EMULATOR_CHECKOUT_PAGE (a URL prefix) the stand-in page there.
+
 Prices: a `price_…` is looked up as a Price if an extension adds them, else as a Plan of
 that id (Stripe accepts a plan's id wherever a price's is expected).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from types import ModuleType
 from typing import Any
@@ -44,7 +49,7 @@ from localstripe.webhooks import schedule_webhook
 
 EXPIRES_AFTER = 24 * 3600  # Stripe's default expires_at
 MODES = ("payment", "subscription", "setup")
-_TEST_HOSTED_PAGE = "https://checkout.stripe.com/c/pay/"
+_HOSTED_PAGE = os.environ.get("PAYSTREAM_EMULATOR_CHECKOUT_PAGE") or "https://checkout.stripe.com/c/pay/"
 
 
 def _missing(what: str, value: str, param: str) -> UserError:
@@ -164,7 +169,7 @@ class CheckoutSession(StripeObject):
         self.subscription = None
         self.success_url = success_url
         self.total_details = {"amount_discount": 0, "amount_shipping": 0, "amount_tax": 0}
-        self.url = _TEST_HOSTED_PAGE + self.id
+        self.url = _HOSTED_PAGE + self.id
         self._prices = [price for _, _, price in lines]
         self._pi_metadata = (payment_intent_data or {}).get("metadata") or {}
 
@@ -201,7 +206,7 @@ class CheckoutSession(StripeObject):
 
     @classmethod
     def _api_complete(cls, id, card=None, iban=None, **kwargs):
-        """TEST-ONLY: the customer pays (or saves a card) on the hosted page."""
+        """EMULATOR-ONLY: the customer pays (or saves a card) on the hosted page."""
         if kwargs:
             raise UserError(400, "Unexpected " + ", ".join(kwargs.keys()))
         session = cls._api_retrieve(id)
