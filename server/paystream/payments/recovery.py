@@ -20,7 +20,7 @@ from paystream.changes.lifecycle import stripe_now
 from paystream.db import ACQUIRE_TIMEOUT, DATABASE_ERRORS
 from paystream.ops import metrics
 from paystream.payments import refunds, subscriptions
-from paystream.payments.current import change_from_object, change_from_payment_intent
+from paystream.payments.current import change_from_payment_intent, read_now
 from paystream.payments.stripe_api import StripeApi, StripeFailure
 
 log = logging.getLogger("paystream.recovery")
@@ -131,24 +131,32 @@ class Recovery(BackgroundTask):
         transaction quiet for long is read ever more rarely (after a quarter of its age):
         an abandoned checkout costs a few reads, not one a pass.  After success, refunds
         and disputes come from the webhook and the backfill."""
-        stuck = await self.pool.fetch(
-            """SELECT id, stripe_id FROM transactions
-                WHERE paystream_status_rank(status) < 5 AND stripe_id IS NOT NULL
-                  AND (stripe_id LIKE 'pi\\_%' OR stripe_id LIKE 'in\\_%' OR stripe_id LIKE 'seti\\_%')
-                  AND greatest(updated_at, checked_at) < clock_timestamp()
+        # Unsettled: a payment-like kind before success (PaymentIntents, invoices,
+        # SetupIntents, Checkout Sessions), or a subscription still incomplete.  Two
+        # queries, each on its own partial index.
+        quiet = """greatest(updated_at, checked_at) < clock_timestamp()
                       - greatest($1::interval, (clock_timestamp() - created_at) / 4)
-                  AND ($2::text[] IS NULL OR id = ANY($2) OR stripe_id = ANY($2))
-                ORDER BY greatest(updated_at, checked_at) LIMIT $3""", self.stuck_after, only, SWEEP_READS)
+                  AND ($2::text[] IS NULL OR id = ANY($2) OR stripe_id = ANY($2))"""
+        stuck = await self.pool.fetch(
+            f"""(SELECT id, stripe_id, greatest(updated_at, checked_at) AS quiet_since FROM transactions
+                 WHERE paystream_status_rank(status) < 5 AND stripe_id IS NOT NULL
+                   AND (stripe_id LIKE 'pi\\_%' OR stripe_id LIKE 'in\\_%' OR stripe_id LIKE 'seti\\_%'
+                        OR stripe_id LIKE 'cs\\_%')
+                   AND {quiet} ORDER BY greatest(updated_at, checked_at) LIMIT $3)
+                UNION ALL
+                (SELECT id, stripe_id, greatest(updated_at, checked_at) FROM transactions
+                  WHERE kind = 'subscription' AND status = 'incomplete' AND stripe_id IS NOT NULL
+                    AND {quiet} ORDER BY greatest(updated_at, checked_at) LIMIT $3)
+                ORDER BY quiet_since LIMIT $3""", self.stuck_after, only, SWEEP_READS)
         for row in stuck:
             report.checked += 1
             try:
-                obj = await self.api.retrieve(row["stripe_id"])
+                change = await read_now(self.api, self.pool, row["stripe_id"], stripe_now())
             except StripeFailure as failure:
                 report.errors.append(f"retrieve {row['stripe_id']}: {failure.message}")
                 if failure.status >= 500:
                     break
                 continue
-            change = change_from_object(obj, stripe_now())
             async with self.pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn, conn.transaction():
                 locked = await store.lock_by_id(conn, row["id"])
                 if change is not None:
