@@ -4,7 +4,8 @@ import type { Transaction } from "./types.js";
 
 export type ErrorCode =
   | "declined"      // a payment attempt failed: see transaction.last_error (the customer may retry)
-  | "canceled"      // the transaction was canceled
+  | "canceled"      // the transaction was canceled (a subscription: canceled, or incomplete_expired)
+  | "ended"         // waitFor: it reached another final status than `until` names (its stream ended)
   | "timeout"       // waitFor's timeoutMs passed first
   | "unauthorized"  // the stream token is missing, forged or expired (HTTP 401, WebSocket 4001), and
                     // getToken (if given) could not replace it: it threw, or its new token was refused too

@@ -2,16 +2,20 @@
 
 import { PaystreamError } from "./codes.js";
 import { type Credentials, watch, type WatchBase } from "./stream.js";
-import type { Status, Transaction } from "./types.js";
+import { FINAL, type Status, type Transaction } from "./types.js";
 
 export { PaystreamError, type ErrorCode } from "./codes.js";
 export { type Credentials, watch, type WatchBase, type WatchOptions } from "./stream.js";
 export type { GetToken } from "./token.js";
 export type { TransportName } from "./transport.js";
-export { FINAL, type Status, type Transaction } from "./types.js";
+export {
+  type CheckoutTransaction, FINAL, type InvoiceTransaction, type Kind, type PaymentIntentStatus, type PaymentTransaction,
+  type Refund, type Status, STATUSES, type SubscriptionStatus, type SubscriptionTransaction, type Transaction,
+} from "./types.js";
 
 export type WaitOptions = Omit<WatchBase, "onUpdate" | "onError"> & Credentials & {
-  /** Resolve on these statuses (default: ["succeeded"]). */
+  /** Resolve on these statuses. Default: `succeeded` (or a later refund or dispute);
+   *  for a subscription, `active` or `trialing`. */
   until?: Status[];
   timeoutMs?: number;
   signal?: AbortSignal;
@@ -21,12 +25,16 @@ export type WaitOptions = Omit<WatchBase, "onUpdate" | "onError"> & Credentials 
 
 const AFTER_SUCCESS: Status[] = ["partially_refunded", "refunded", "disputed"];
 
+const SUBSCRIBED: Status[] = ["active", "trialing"];
+
 /** Wait for a transaction to reach one of `until`; rejects with a PaystreamError for a
- *  decline pushed while waiting (code "declined", with last_error), a cancel, a timeout,
- *  a refused token, no transport connecting, or an abort (and with a TypeError unless
- *  exactly one of `token` and `getToken` is given). */
+ *  decline pushed while waiting (code "declined", with last_error), a cancel (a
+ *  subscription's `canceled` or `incomplete_expired` too), another final status ("ended"),
+ *  a timeout, a refused token, no transport connecting, or an abort (and with a TypeError
+ *  unless exactly one of `token` and `getToken` is given). */
 export function waitFor(id: string, options: WaitOptions): Promise<Transaction> {
-  const until = options.until ?? ["succeeded"];
+  const until = (tx: Transaction): Status[] =>
+    options.until ?? (tx.kind === "subscription" ? SUBSCRIBED : ["succeeded"]);
   return new Promise((resolve, reject) => {
     if (options.signal?.aborted) return reject(new PaystreamError("aborted", "waitFor was aborted"));
     let timer: ReturnType<typeof setTimeout> | undefined;
@@ -41,14 +49,21 @@ export function waitFor(id: string, options: WaitOptions): Promise<Transaction> 
       ...options,
       onUpdate(tx) {
         options.onUpdate?.(tx);
-        if (until.includes(tx.status) || (until.includes("succeeded") && AFTER_SUCCESS.includes(tx.status))) {
+        const wanted = until(tx);
+        if (wanted.includes(tx.status) || (wanted.includes("succeeded") && AFTER_SUCCESS.includes(tx.status))) {
           settle(() => resolve(tx));
-        } else if (tx.status === "canceled") {
-          settle(() => reject(new PaystreamError("canceled", "the transaction was canceled", tx)));
+        } else if (tx.status === "canceled" || tx.status === "incomplete_expired") {
+          const what = tx.status === "canceled" ? "was canceled" : "expired before its first payment";
+          settle(() => reject(new PaystreamError("canceled", `the transaction ${what}`, tx)));
         } else if (tx.status === "requires_payment_method" && tx.last_error && tx.cause) {
           // Only a decline pushed while we wait: a snapshot may show an earlier attempt's.
+          // (A subscription's declined first payment leaves it `incomplete`, with no error:
+          // the page hears of it from Stripe.js's confirm.)
           const message = String(tx.last_error.message ?? tx.last_error.code ?? "declined");
           settle(() => reject(new PaystreamError("declined", message, tx)));
+        } else if (FINAL.has(tx.status) && !options.follow) {
+          // The stream ends here: nothing `until` names can come any more.
+          settle(() => reject(new PaystreamError("ended", `the transaction ended ${tx.status}`, tx)));
         }
       },
       onError: (err) => settle(() => reject(err)),

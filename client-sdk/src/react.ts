@@ -16,6 +16,7 @@ export type PaymentStatusOptions = Omit<WatchBase, "onUpdate"> & { onUpdate?(tx:
 export interface PaymentStatus {
   /** The newest state, once the first one arrived. */
   transaction: Transaction | undefined;
+  /** Its status: a payment's or session's (`succeeded`, …) or a subscription's (`active`, `past_due`, …). */
   status: Status | undefined;
   /** Why the stream ended (unauthorized, forbidden, not_found, transport); it does not retry after one. */
   error: PaystreamError | undefined;
@@ -27,7 +28,10 @@ interface State {
   error?: PaystreamError;
 }
 
-/** Follow one transaction's status, pushed. The stream opens on mount, closes on unmount,
+/** Follow one transaction's status, pushed: a payment's (`pi_…`), a Checkout Session's
+ *  (`cs_…`), a subscription's (`sub_…`, whose stream stays open through `active` and
+ *  `past_due` and ends at `canceled` or `incomplete_expired`), any kind's; narrow
+ *  `transaction` on `kind` for its own fields. The stream opens on mount, closes on unmount,
  *  and a new `id` closes the old stream before the new one opens. Changing `baseUrl`,
  *  `transport`, `follow` or `token` reopens it (starting with a snapshot); `getToken`
  *  and the callbacks are read at each use, so new functions each render are fine.

@@ -3,17 +3,15 @@
 // the newest token.
 
 import { headers, HttpError, url, type Transport, type TransportOptions } from "./transport.js";
-import { FINAL, type Status, type Transaction } from "./types.js";
-
-const ALL: Status[] = ["requires_payment_method", "requires_confirmation", "requires_action", "processing",
-  "requires_capture", "succeeded", "canceled", "partially_refunded", "refunded", "disputed"];
+import { FINAL, STATUSES, type Status, type Transaction } from "./types.js";
 
 export function poll(o: TransportOptions): Transport {
   const abort = new AbortController();
   (async () => {
     let current: Status | undefined;
     for (;;) {
-      const waitFor = current ? ALL.filter((s) => s !== current).join(",") : ALL.join(",");
+      // Any status but the current one, of any kind (a subscription's run both ways).
+      const waitFor = STATUSES.filter((s) => s !== current).join(",");
       const res = await fetch(url(o.baseUrl, `/v1/transactions/${encodeURIComponent(o.id)}`,
         { await: waitFor, timeout: "25" }), { headers: headers(o.tokens.token), signal: abort.signal, cache: "no-store" });
       if (!res.ok) throw new HttpError(res.status, `long-poll answered ${res.status}`);

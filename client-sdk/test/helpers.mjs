@@ -32,10 +32,13 @@ async function until(check, what, ms = 30000) {
   }
 }
 
-/** Start localstripe on its own, so it outlives paystream restarts. */
-export async function startLocalStripe() {
+/** Start the local Stripe `paystream dev` runs (localstripe with prices, default_incomplete
+ *  subscriptions and Checkout Sessions: paystream.dev.emulator) on its own, so it outlives
+ *  paystream restarts. `checkoutPage`: the URL prefix its sessions' hosted page is at. */
+export async function startLocalStripe({ checkoutPage } = {}) {
   const port = await freePort();
-  const proc = spawn(PYTHON, ["-m", "localstripe", "--port", String(port), "--from-scratch"], { stdio: "ignore" });
+  const env = { ...process.env, ...(checkoutPage ? { PAYSTREAM_EMULATOR_CHECKOUT_PAGE: checkoutPage } : {}) };
+  const proc = spawn(PYTHON, ["-m", "paystream.dev.localstripe", "--port", String(port), "--extensions", "paystream.dev.emulator"], { stdio: "ignore", env });
   const url = `http://127.0.0.1:${port}`;
   await until(async () => (await fetch(`${url}/v1/customers`, { headers: { Authorization: "Bearer sk_test_x" } })).ok, "localstripe");
   return {
@@ -43,6 +46,14 @@ export async function startLocalStripe() {
     async registerWebhook(target, secret) {
       const res = await fetch(`${url}/_config/webhooks/paystream`, { method: "POST", body: new URLSearchParams({ url: target, secret }) });
       if (!res.ok) throw new Error(`localstripe webhook registration: ${res.status}`);
+    },
+    /** A form-encoded call to its API, as stripe-python or Stripe.js would make. */
+    async api(path, form) {
+      const res = await fetch(`${url}${path}`, {
+        method: form ? "POST" : "GET", body: form && new URLSearchParams(form),
+        headers: { Authorization: "Bearer sk_test_x" },
+      });
+      return { status: res.status, body: await res.json() };
     },
     stop: () => proc.kill("SIGTERM"),
   };
@@ -86,11 +97,14 @@ export class Paystream {
   }
   /** Sign and post a Stripe event about PaymentIntent `pi`, as Stripe does. */
   async send(type, pi, { status, created, lastError, metadata = {} } = {}) {
+    return this.sendObject(type, { id: pi, object: "payment_intent", amount: 1500, currency: "usd", status, metadata,
+      last_payment_error: lastError ?? null, customer: null }, { created });
+  }
+  /** Sign and post a Stripe event of `type` about `object` (its JSON), as Stripe does. */
+  async sendObject(type, object, { created } = {}) {
     const event = {
       id: `evt_${randomBytes(12).toString("hex")}`, object: "event", api_version: "2025-03-31.basil",
-      created: created ?? Math.floor(Date.now() / 1000), type, livemode: false,
-      data: { object: { id: pi, object: "payment_intent", amount: 1500, currency: "usd", status, metadata,
-        last_payment_error: lastError ?? null, customer: null } },
+      created: created ?? Math.floor(Date.now() / 1000), type, livemode: false, data: { object },
     };
     const body = JSON.stringify(event);
     const t = Math.floor(Date.now() / 1000);
@@ -104,11 +118,35 @@ export class Paystream {
   async metrics() {
     return (await fetch(`${this.url}/metrics`)).text();
   }
+  /** The merchant backend's call to paystream's API (the API key). */
+  async backend(method, path, body) {
+    const res = await fetch(`${this.url}${path}`, {
+      method, body: body && JSON.stringify(body),
+      headers: { Authorization: `Bearer ${this.secrets.PAYSTREAM_API_KEY}`, "Content-Type": "application/json" },
+    });
+    return { status: res.status, body: await res.json() };
+  }
+  /** Open streams the server counts for `transport` (sse, ws, long_poll). */
+  async connections(transport = "sse") {
+    const m = new RegExp(`paystream_connections\\{transport="${transport}"\\} ([\\d.]+)`).exec(await this.metrics());
+    return m ? Number(m[1]) : 0;
+  }
 }
 
 export const newPi = () => `pi_${randomBytes(12).toString("hex")}`;
 
 export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+/** Poll `check` (another process's state: nothing to await) until it is truthy, at most `ms`. */
+export async function eventually(check, what, ms = 15000) {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    const value = await check().catch(() => undefined);
+    if (value) return value;
+    if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for ${what}`);
+    await sleep(100);
+  }
+}
 
 /** A TCP proxy to `target` (a URL) that logs each connection's request line and can cut
  *  every connection it carries, as a network drop does. */

@@ -3,6 +3,7 @@
 // proxy), so it needs no CORS; what the server sees is read from its /metrics.
 
 import assert from "node:assert/strict";
+import { randomBytes } from "node:crypto";
 import { existsSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
@@ -148,5 +149,37 @@ test("usePaymentStatus: a new id closes the old stream before opening the new on
   assert.deepEqual(await shown(), [[a, "processing"], [b, "requires_action"], [b, "succeeded"]]);
   assert.equal(await page.textContent("#current"), "succeeded");
   await untilConnections(0);
+  await page.evaluate(() => window.show(null));
+});
+
+test("usePaymentStatus shows a subscription's status: active and past_due keep the stream, canceled ends it", { skip }, async () => {
+  const sub = `sub_${randomBytes(12).toString("hex")}`;
+  const t0 = Math.floor(Date.now() / 1000) - 60;
+  const subscription = (status, seconds) => ps.sendObject(
+    status === "canceled" ? "customer.subscription.deleted"
+      : seconds === 0 ? "customer.subscription.created" : "customer.subscription.updated",
+    { id: sub, object: "subscription", status, customer: "cus_react", currency: "usd", metadata: {},
+      cancel_at_period_end: false, trial_end: null, latest_invoice: null,
+      items: { object: "list", data: [{ price: { unit_amount: 2900, currency: "usd" }, quantity: 1,
+        current_period_end: t0 + 30 * 86400 }] } },
+    { created: t0 + seconds }); // a second apart: Stripe's time orders them, no tie to settle
+  await subscription("incomplete", 0);
+  await page.evaluate(([id, token]) => { window.tokens = { [id]: token }; }, [sub, ps.token(sub)]);
+  await page.evaluate((id) => window.show({ id, transport: "sse" }), sub);
+  await page.waitForSelector(`li[data-id=${sub}][data-status=incomplete]`);
+  await untilConnections(1);
+  const statuses = ["incomplete", "active", "past_due", "active"];
+  for (const [i, status] of statuses.entries()) {
+    if (i === 0) continue;
+    await subscription(status, i);
+    await page.waitForFunction((n) => document.querySelectorAll("#statuses li").length === n, i + 1);
+  }
+  assert.equal(await page.textContent("#current"), "active");
+  await untilConnections(1); // through active and past_due the stream stays open
+  await subscription("canceled", 9);
+  await page.waitForSelector(`li[data-id=${sub}][data-status=canceled]`);
+  assert.deepEqual(await shown(), [...statuses, "canceled"].map((s) => [sub, s]));
+  await untilConnections(0); // canceled ends it
+  assert.equal(await page.$("#error"), null, "ended without an error");
   await page.evaluate(() => window.show(null));
 });
