@@ -630,9 +630,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("dev", help="zero set-up: embedded Postgres, local Stripe, generated secrets",
-                       description="Run paystream locally with no configuration: the /demo checkout page, an embedded "
+                       description="Run paystream locally with no configuration: the /demo shop (a payment, a "
+                       "subscription, Stripe Checkout through a stand-in page and its return page), an embedded "
                        "Postgres under .paystream/ (unless DATABASE_URL is set), a local Stripe "
-                       "stand-in (localstripe, unless STRIPE_API_BASE is set) posting signed "
+                       "stand-in (localstripe with prices and Checkout Sessions, unless STRIPE_API_BASE is set) posting signed "
                        "webhooks here, generated dev secrets (kept in .paystream/dev-secrets.json), "
                        "migrations, and the server. On SIGTERM (or SIGHUP: a closed terminal) streams end at once "
                        "(PAYSTREAM_DRAIN_SECONDS defaults to 0 here: one node, nowhere to drain to). "
