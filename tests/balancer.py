@@ -1,5 +1,5 @@
 """Several `paystream serve` nodes on one database behind a real HAProxy (Debian's package),
-run with the very configuration the README shows (docs/haproxy.cfg).
+run with the very configuration docs/scale-out.md shows (docs/haproxy.cfg).
 
 tests/e2e/test_load_balancer.py uses the classes; the SDK's test (client-sdk/test/lb.test.mjs)
 runs `python -m tests.balancer`, which starts a cluster and takes commands on stdin, one a
@@ -33,7 +33,7 @@ from paystream.dev.processes import free_port, wait_until_up
 from tests.harness import ROOT, FreshDatabase, Server, stop_process, system_reachable, tail
 
 HAPROXY_CFG = ROOT / "docs" / "haproxy.cfg"
-# Test-only, beside the README's file: HAProxy's stats page, so a test can see which nodes
+# Test-only, beside docs/scale-out.md's file: HAProxy's stats page, so a test can see which nodes
 # the health check has up or down (`haproxy -f a -f b` reads both).
 STATS_CFG = """\
 listen stats

@@ -1,5 +1,5 @@
 """Behind a load balancer (issue 13): three `paystream serve` nodes on one database behind a
-real HAProxy (Debian's package) running docs/haproxy.cfg, the configuration the README shows.
+real HAProxy (Debian's package) running docs/haproxy.cfg, the configuration docs/scale-out.md shows.
 SSE is streamed, not buffered; WebSocket upgrades pass; long-poll works; a stream whose node
 is SIGKILLed resumes through the balancer on another node with nothing missed or twice; and
 per-address stream limits count the client named in X-Forwarded-For only when the peer is
@@ -38,10 +38,10 @@ STEPS = [("payment_intent.requires_action", "requires_action"), ("payment_intent
          ("payment_intent.amount_capturable_updated", "requires_capture")]
 
 
-def test_the_readme_shows_the_configurations_the_tests_run() -> None:
-    readme = (ROOT / "README.md").read_text()
+def test_the_docs_show_the_configurations_the_tests_run() -> None:
+    manual = (ROOT / "docs" / "scale-out.md").read_text()
     for config in (HAPROXY_CFG, NGINX_CONF):
-        assert config.read_text().strip() in readme, f"the README must show {config.name}, verbatim"
+        assert config.read_text().strip() in manual, f"docs/scale-out.md must show {config.name}, verbatim"
 
 
 @pytest.fixture(scope="module")
