@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import secrets
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -54,7 +56,13 @@ def server(database_url: str, local_stripe: LocalStripe) -> Iterator[Server]:
     # localstripe posts every event to every registered URL: this run's server takes over.
     local_stripe.register_webhook(f"{srv.base_url}/v1/stripe/webhook", srv.webhook_secret)
     yield srv
+    # After every test that used this database (the money tests among them): its ledger
+    # balances and agrees with every transaction's status and amounts.
+    check = subprocess.run([sys.executable, "-m", "paystream", "ledger", "--check"], cwd=harness.ROOT,
+                           env={**srv.env}, capture_output=True, text=True, timeout=300)
     srv.stop()
+    assert check.returncode == 0, ("`paystream ledger --check` on the suite's database:\n"
+                                   + check.stdout[-4000:] + check.stderr[-2000:])
 
 
 @pytest.fixture
@@ -70,6 +78,30 @@ async def own_database(database_url: str) -> AsyncIterator[str]:
         await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
     finally:
         await admin.close()
+
+
+@pytest.fixture
+def fresh_stripe() -> Iterator[LocalStripe]:
+    """An emulator of the test's own, with no events: a server on a database of its own
+    would otherwise backfill, at start-up, every event the session's emulator holds."""
+    stripe = LocalStripe(harness.free_port(), ARTIFACTS, module=stripe_emulator.MODULE, cwd=harness.ROOT).start()
+    yield stripe
+    stripe.stop()
+
+
+@pytest.fixture
+async def isolated(own_database: str) -> AsyncIterator[tuple[str, asyncpg.Connection]]:
+    """A migrated database of the test's own and a connection to it: for a test whose
+    servers' background work (the outbox, the sweeper) must not meet the shared database's
+    rows, made against other tests' emulators."""
+    from paystream.changes.store import init_connection
+    from paystream.db import migrate
+
+    await migrate(own_database, harness.EXAMPLE_MIGRATIONS)
+    conn = await asyncpg.connect(own_database)
+    await init_connection(conn)
+    yield own_database, conn
+    await conn.close()
 
 
 @pytest.fixture

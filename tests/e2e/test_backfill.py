@@ -146,10 +146,13 @@ async def each_effect_once(db: asyncpg.Connection, txn_ids: list[str]) -> None:
 
 
 async def test_backfill_brings_a_subscription_and_a_checkout_session_to_their_state_once(
-        database_url: str, db: asyncpg.Connection) -> None:
+        isolated: tuple[str, asyncpg.Connection]) -> None:
     """Created through paystream, then paid (the subscription's first invoice on the page,
     the session on Stripe's hosted page) while every webhook was lost: `paystream
-    backfill` reads the emulator's /v1/events, which lists what its extensions posted."""
+    backfill` reads the emulator's /v1/events, which lists what its extensions posted.
+    On a database of its own: the shared one's other servers would take its subscription
+    reads from the outbox and make them against their own emulators."""
+    database_url, db = isolated
     with own_emulator(lost=True) as emulator:
         server = Server(database_url, {"STRIPE_API_BASE": emulator.url, "PAYSTREAM_BACKFILL_INTERVAL": "86400"})
         try:

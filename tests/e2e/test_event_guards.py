@@ -85,9 +85,9 @@ async def test_metadata_nesting_is_bounded_below_what_responses_can_write(
 
 
 async def test_an_event_parked_for_a_transaction_never_written_expires(
-        own_database: str, local_stripe: LocalStripe) -> None:
+        own_database: str, fresh_stripe: LocalStripe) -> None:
     await paystream_db.migrate(own_database)
-    server = Server(own_database, {"STRIPE_API_BASE": local_stripe.url, "PAYSTREAM_PARKED_EXPIRY": "1",
+    server = Server(own_database, {"STRIPE_API_BASE": fresh_stripe.url, "PAYSTREAM_PARKED_EXPIRY": "1",
                                    "PAYSTREAM_RECOVERY_INTERVAL": "0.2"})
     await asyncio.to_thread(server.start)
     db = await asyncpg.connect(own_database)

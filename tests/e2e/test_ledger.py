@@ -158,6 +158,26 @@ async def test_a_failed_refund_of_a_top_up_gives_the_wallet_back_what_it_took(
     await assert_balanced(db)
 
 
+@pytest.mark.parametrize("failure_first", [True, False])
+async def test_a_top_up_refund_that_failed_is_given_back_whichever_event_came_first(
+        ps: Paystream, db: asyncpg.Connection, failure_first: bool) -> None:
+    """A refund's failure delivered before the charge.refunded that counted it: the wallet
+    was reversed after the failure was seen, and is still given back (the put-back follows
+    the failed refunds the transaction lists, not only the event that reports one)."""
+    pi, customer, t = trigger.stripe_id("pi_"), trigger.stripe_id("cus_"), int(time.time()) - 60
+    kind = {"paystream_kind": "wallet_top_up"}
+    await ps.deliver(ps.event("payment_intent.succeeded", pi, amount=5000, customer=customer, metadata=kind,
+                              created=t))
+    refunded = ps.event("charge.refunded", pi, amount=5000, amount_refunded=30, customer=customer, metadata=kind,
+                        created=t + 1)
+    failed = refund_failed(pi, 30, created=t + 2)
+    for event in ([failed, refunded] if failure_first else [refunded, failed]):
+        await ps.deliver(event)
+    txn = (await ps.get(pi)).json()
+    assert await moved(db, txn["id"]) == {f"wallet:{customer}": 5000, "stripe:clearing": -5000}
+    await assert_balanced(db)
+
+
 async def test_the_database_refuses_an_unbalanced_group_and_any_edit(ps: Paystream, db: asyncpg.Connection) -> None:
     pi = trigger.stripe_id("pi_")
     await ps.deliver(ps.event("payment_intent.succeeded", pi, amount=A))
@@ -185,11 +205,11 @@ async def test_the_database_refuses_an_unbalanced_group_and_any_edit(ps: Paystre
     assert await moved(db, txn_id) == before
 
 
-async def test_the_ledger_command_prints_and_checks_a_database(own_database: str, local_stripe) -> None:  # noqa: ANN001
+async def test_the_ledger_command_prints_and_checks_a_database(own_database: str, fresh_stripe) -> None:  # noqa: ANN001
     """On a database of its own (the check reads every transaction): good, then with a
     transaction's amount_refunded and a group corrupted behind the schema's back."""
     await migrate(own_database)
-    server = Server(own_database, {"STRIPE_API_BASE": local_stripe.url,
+    server = Server(own_database, {"STRIPE_API_BASE": fresh_stripe.url,
                                    "PAYSTREAM_BACKFILL_INTERVAL": "86400"}).start()
     try:
         async with Paystream(server) as ps:

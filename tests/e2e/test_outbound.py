@@ -419,13 +419,14 @@ def test_serve_refuses_outbound_settings_that_cannot_work(database_url: str, env
 
 
 async def test_every_logged_event_of_a_subscription_and_a_checkout_session_reaches_the_backend_once_in_order(
-        database_url: str, db: asyncpg.Connection) -> None:
+        isolated: tuple[str, asyncpg.Connection]) -> None:
     """A subscription's whole life (incomplete, active once the page pays, past_due on a
     failed renewal, active on its paid retry, canceled at period end, then now) and a
     Checkout Session paid by a delayed method (processing, then succeeded), driven
     through the emulator whose webhooks reach this server alone: every event logged for
     them and for the invoices and PaymentIntent they made reaches the merchant's backend
     signed, accepted once per webhook-id, in seq order, while the backend refuses some."""
+    database_url, db = isolated  # its own: other servers must not make its reads against their emulators
     backend = Backend(refuse=0.3)
     await backend.start()
     with own_emulator(lost=False) as emulator:

@@ -17,7 +17,8 @@ pytestmark = pytest.mark.e2e
 
 
 async def test_the_sweeper_reads_a_stuck_subscription_and_a_stuck_session(
-        database_url: str, db: asyncpg.Connection) -> None:
+        isolated: tuple[str, asyncpg.Connection]) -> None:
+    database_url, db = isolated  # its own: the shared database's stuck rows belong to other emulators
     with own_emulator(lost=True) as emulator:
         server = Server(database_url, {"STRIPE_API_BASE": emulator.url, "PAYSTREAM_BACKFILL_INTERVAL": "86400",
                                        "PAYSTREAM_STUCK_AFTER": "1", "PAYSTREAM_RECOVERY_INTERVAL": "0.5"})

@@ -43,6 +43,7 @@ from paystream.effects.wallet import (
     amount_added,
     credit_reversed,
     credits_wallet,
+    failed_refunds,
     wallet_account,
 )
 
@@ -105,43 +106,13 @@ def withdrawn_dispute(txn: dict[str, Any]) -> tuple[str, int, str] | None:
     return (str(dispute["id"]), amount, str(dispute["status"])) if amount > 0 else None
 
 
-async def failed_refund(conn: asyncpg.Connection, txn: dict[str, Any]) -> tuple[str, int] | None:
-    """(refund id, amount) of the failed refund this event reports, if it does.
-
-    The transaction's JSON names the refund (`last_error.refund`); its amount is
-    `last_error.amount` when given, else the refund object of the Stripe event that
-    reported the failure (stored with every event), else the refund as listed in the
-    transaction's `refunds`.  The seam for a refunds table: give the amount in either."""
-    error = txn.get("last_error") or {}
-    if error.get("code") != "refund_failed" or not isinstance(error.get("refund"), str):
-        return None
-    refund_id = error["refund"]
-    amount = error.get("amount")
-    if not isinstance(amount, int):
-        amount = next((r.get("amount") for r in txn.get("refunds") or []
-                       if isinstance(r, dict) and r.get("id") == refund_id), None)
-    if not isinstance(amount, int):
-        raw = await conn.fetchval(
-            """SELECT raw_body FROM stripe_events WHERE object_id = $1
-                ORDER BY created DESC NULLS LAST, received_at DESC LIMIT 1""", refund_id)
-        if raw is not None:
-            found = ((json.loads(raw).get("data") or {}).get("object") or {}).get("amount")
-            amount = found if isinstance(found, int) else None
-    if not isinstance(amount, int) or amount <= 0:
-        log.warning("a failed refund of unknown amount: nothing put back",
-                    extra={"transaction_id": txn["id"], "refund": refund_id})
-        return None
-    return refund_id, amount
-
-
 class Ledger:
     name = "ledger"
 
     async def on_status(self, conn: asyncpg.Connection, transaction: dict[str, Any],
                         previous_status: str | None) -> dict[str, Any] | None:
         if credits_wallet(transaction):
-            await self._wallet_refund_failed(conn, transaction)
-            return None
+            return None  # the wallet effect posts its money, failed refunds put back included
         taken = captured(transaction)
         if taken <= 0:
             return None
@@ -154,12 +125,11 @@ class Ledger:
         if total > done:
             await _post(conn, f"refund:{txn_id}:{total}", transaction,
                         [(REVENUE, done - total), (CLEARING, total - done)])
-        failed = await failed_refund(conn, transaction)
-        if failed:
+        for refund_id, failed_amount in await failed_refunds(conn, transaction):
             put_back = await _sum(conn, txn_id, REVENUE, f"refund_failed:{txn_id}:")
-            amount = min(failed[1], taken - put_back)
+            amount = min(failed_amount, taken - put_back)
             if amount > 0:
-                await _post(conn, f"refund_failed:{txn_id}:{failed[0]}", transaction,
+                await _post(conn, f"refund_failed:{txn_id}:{refund_id}", transaction,
                             [(REVENUE, amount), (CLEARING, -amount)])
         dispute = withdrawn_dispute(transaction)
         if dispute:
@@ -174,20 +144,6 @@ class Ledger:
                             [(REVENUE, -amount), (DISPUTED, amount)])
         return None
 
-    async def _wallet_refund_failed(self, conn: asyncpg.Connection, txn: dict[str, Any]) -> None:
-        """A top-up's failed refund gives the wallet back what that refund took from it:
-        never more than the wallet's refund reversals not yet put back (a reversal is
-        capped by what the top-up still credits, so it may have taken less)."""
-        customer = txn.get("customer_id")
-        failed = await failed_refund(conn, txn) if customer else None
-        if not failed:
-            return
-        wallet = wallet_account(customer)
-        reversed_ = -await _sum(conn, txn["id"], wallet, f"refund:{txn['id']}:")
-        put_back = await _sum(conn, txn["id"], wallet, f"refund_failed:{txn['id']}:")
-        amount = min(failed[1], reversed_ - put_back)
-        if amount > 0:
-            await _post(conn, f"refund_failed:{txn['id']}:{failed[0]}", txn, [(wallet, amount), (CLEARING, -amount)])
 
 
 effect = Ledger()

@@ -12,6 +12,7 @@ it for a full refund), never more than the invoice still credits."""
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -126,6 +127,74 @@ async def _invoice(conn: asyncpg.Connection, txn: dict[str, Any], added: int) ->
         await _post_legs(conn, f"{prefix}{refunded}", txn, [(wallet, -reverse), (CLEARING, money), (DISCOUNTS, reverse - money)])
 
 
+async def failed_refund(conn: asyncpg.Connection, txn: dict[str, Any]) -> tuple[str, int] | None:
+    """(refund id, amount) of the failed refund this event reports, if it does.
+
+    The transaction's JSON names the refund (`last_error.refund`); its amount is
+    `last_error.amount` when given, else the refund object of the Stripe event that
+    reported the failure (stored with every event), else the refund as listed in the
+    transaction's `refunds`.  The seam for a refunds table: give the amount in either."""
+    error = txn.get("last_error") or {}
+    if error.get("code") != "refund_failed" or not isinstance(error.get("refund"), str):
+        return None
+    refund_id = error["refund"]
+    amount = error.get("amount")
+    if not isinstance(amount, int):
+        amount = next((r.get("amount") for r in txn.get("refunds") or []
+                       if isinstance(r, dict) and refund_id in (r.get("id"), r.get("stripe_id"))), None)
+    if not isinstance(amount, int):
+        raw = await conn.fetchval(
+            """SELECT raw_body FROM stripe_events WHERE object_id = $1
+                ORDER BY created DESC NULLS LAST, received_at DESC LIMIT 1""", refund_id)
+        if raw is not None:
+            found = ((json.loads(raw).get("data") or {}).get("object") or {}).get("amount")
+            amount = found if isinstance(found, int) else None
+    if not isinstance(amount, int) or amount <= 0:
+        log.warning("a failed refund of unknown amount: nothing put back",
+                    extra={"transaction_id": txn["id"], "refund": refund_id})
+        return None
+    return refund_id, amount
+
+
+async def failed_refunds(conn: asyncpg.Connection, txn: dict[str, Any]) -> list[tuple[str, int]]:
+    """Every failed refund of the transaction: the one this event reports (last_error),
+    and each the transaction's `refunds` lists as failed (a later event clears
+    last_error; the list keeps them, so a put-back never depends on which of a refund's
+    failure and its charge.refunded arrived first).  Keyed by Stripe's re_ id."""
+    found: dict[str, int] = {}
+    reported = await failed_refund(conn, txn)
+    if reported:
+        found[reported[0]] = reported[1]
+    for refund in txn.get("refunds") or []:
+        if isinstance(refund, dict) and refund.get("status") == "failed":
+            key = refund.get("stripe_id") or refund.get("id")
+            amount = refund.get("amount")
+            if isinstance(key, str) and isinstance(amount, int) and amount > 0:
+                found.setdefault(key, amount)
+    return sorted(found.items())
+
+
+async def _put_back_failed(conn: asyncpg.Connection, txn: dict[str, Any], customer: str) -> None:
+    """A failed refund gives the wallet back what that refund took from it: never more
+    than the wallet's refund reversals not yet put back (a reversal is capped by what the
+    transaction still credits, so it may have taken less).  Run after the reversals, on
+    every move: the failure may have been seen before the charge.refunded that counted it."""
+    wallet = wallet_account(customer)
+    for refund_id, failed_amount in await failed_refunds(conn, txn):
+        reversed_ = -await _sum_group(conn, txn, wallet, f"refund:{txn['id']}:")
+        put_back = await _sum_group(conn, txn, wallet, f"refund_failed:{txn['id']}:")
+        amount = min(failed_amount, reversed_ - put_back)
+        if amount > 0:
+            await _post_legs(conn, f"refund_failed:{txn['id']}:{refund_id}", txn, [(wallet, amount), (CLEARING, -amount)])
+
+
+async def _sum_group(conn: asyncpg.Connection, txn: dict[str, Any], account: str, prefix: str) -> int:
+    return await conn.fetchval(
+        """SELECT coalesce(sum(amount), 0)::bigint FROM ledger_entries
+            WHERE transaction_id = $1 AND account = $2 AND starts_with(entry_group, $3)""",
+        txn["id"], account, prefix)
+
+
 class WalletLedger:
     name = "wallet"
 
@@ -135,6 +204,7 @@ class WalletLedger:
         if added is not None and transaction["customer_id"]:
             if transaction["status"] in REFUNDABLE:
                 await _invoice(conn, transaction, added)
+                await _put_back_failed(conn, transaction, transaction["customer_id"])
             return {"balance": {"customer_id": transaction["customer_id"],
                                 "amount": await wallet_balance(conn, transaction["customer_id"]),
                                 "currency": transaction["currency"]}}
@@ -160,6 +230,7 @@ class WalletLedger:
             reverse = min(refunded - reversed_so_far, await _posted(conn, transaction, ""))
             if reverse > 0:  # keyed by the running total reversed, so a capped reversal can be completed later
                 await _post(conn, f"refund:{transaction['id']}:{reversed_so_far + reverse}", transaction, -reverse)
+            await _put_back_failed(conn, transaction, customer)
         return {"balance": {"customer_id": customer, "amount": await wallet_balance(conn, customer),
                             "currency": transaction["currency"]}}
 
