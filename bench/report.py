@@ -139,6 +139,44 @@ def engines(s7: dict) -> list[str]:
     return out
 
 
+def storage(s8: dict) -> list[str]:
+    """S8: the write path on an empty and on pre-grown databases, and disk per million events."""
+    def mib(b: float | None) -> str:
+        return "–" if b is None else f"{b / 2**20:,.1f} MiB"
+
+    out = ["## S8 storage: the write path on a full database", "",
+           f"Each size is a fresh database pre-grown with SQL to that many Stripe events (raw bodies at Stripe's "
+           f"size, 2 events per payment, with their log rows, delivered webhooks, idempotency keys and ledger rows; "
+           f"{s8['bulk_load']}), then `paystream serve` takes processing + succeeded webhooks for new "
+           f"PaymentIntents at {s8['steady_rate_per_s']:g}/s for {s8['steady_seconds']:g} s, then a ladder of "
+           f"{s8['step_seconds']:g} s steps (clean: no error, within 5% of the rate, ack p99 < "
+           f"{s8['p99_bound_ms']:g} ms).", "",
+           row("events pre-grown", "ack p50", "ack p99", "zero-error webhooks/s", "vs empty", "database",
+               "per million events", "autovacuums while serving"),
+           row(*["---"] * 8)]
+    for r in s8["results"]:
+        d = r["disk"]
+        autovacuums = sum(t["autovacuums"] for t in r["autovacuum"].values())
+        out.append(row(f"{r['events_pre_grown']:,}", f"{r['steady']['ack_ms'].get('p50')} ms",
+                       f"{r['steady']['ack_ms'].get('p99')} ms", r["sustained_zero_error_webhooks_per_s"],
+                       r.get("sustained_rate_vs_empty", "–"), mib(d["database_bytes"]),
+                       mib(d["database_bytes_per_million_events"]), autovacuums))
+    biggest = max(s8["results"], key=lambda r: r["events_pre_grown"])
+    if biggest["events_pre_grown"]:
+        d = biggest["disk"]
+        out += ["", f"Disk per million events at {biggest['events_pre_grown']:,} (at rest, after VACUUM ANALYZE):", "",
+                row("table", "heap", "TOAST", "indexes", "total"), row(*["---"] * 5)]
+        per = 1e6 / d["events"]
+        for name, t in d["tables"].items():
+            if t["total"] > 1 << 20:
+                out.append(row(name, *(mib(t[k] * per) for k in ("heap", "toast", "indexes", "total"))))
+        out += ["", row("index", "table", "per million events"), row(*["---"] * 3)]
+        for name, i in d["indexes"].items():
+            if i["bytes"] > 1 << 20:
+                out.append(row(name, i["table"], mib(i["per_million_events"])))
+    return [*out, ""]
+
+
 def main() -> int:
     OUT.mkdir(exist_ok=True)
     lines = ["# paystream benchmarks", "", "Made by `bench/report.py` from the last run of each scenario.", ""]
@@ -183,6 +221,8 @@ def main() -> int:
         lines += scale_out(s6, next((d for d in s1s if d["transport"] == "sse"), None))
     if s7 := load("s7_engines"):
         lines += engines(s7)
+    if s8 := load("s8_storage"):
+        lines += storage(s8)
     if s2 := load("s2_fanout"):
         lines += ["## S2 fan-out", "", row("subscribers", "events", "p50", "p90", "p99", "max", "once, in order"),
                   row(*["---"] * 7),
