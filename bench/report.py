@@ -160,7 +160,8 @@ def storage(s8: dict) -> list[str]:
         out.append(row(f"{r['events_pre_grown']:,}", f"{r['steady']['ack_ms'].get('p50')} ms",
                        f"{r['steady']['ack_ms'].get('p99')} ms", r["sustained_zero_error_webhooks_per_s"],
                        r.get("sustained_rate_vs_empty", "–"), mib(d["database_bytes"]),
-                       mib(d["database_bytes_per_million_events"]), autovacuums))
+                       # The empty database's bytes are mostly fixed overhead, not per event.
+                       mib(d["database_bytes_per_million_events"]) if r["events_pre_grown"] else "–", autovacuums))
     biggest = max(s8["results"], key=lambda r: r["events_pre_grown"])
     if biggest["events_pre_grown"]:
         d = biggest["disk"]

@@ -28,9 +28,13 @@ For each size (default: 0 and 1,000,000 events):
   autovacuum and autoanalyze counts, last_autovacuum) and pg_stat_progress_vacuum sampled
   every 0.5 s.
 
-Prints one JSON line and writes bench/results/s8_storage.json.
+The system Postgres of the test machines runs with autovacuum off (the JSON line records
+the settings); --pg embedded gives each size a Postgres of its own with the defaults.
 
-    .venv/bin/python bench/s8_storage.py [--quick] [--sizes 0,1000000,5000000]
+Prints one JSON line and writes bench/results/s8_storage.json (--pg embedded:
+s8_storage_embedded.json).
+
+    .venv/bin/python bench/s8_storage.py [--quick] [--sizes 0,1000000,5000000] [--pg embedded]
 """
 
 from __future__ import annotations
@@ -458,8 +462,9 @@ async def postgres_facts(url: str) -> dict[str, object]:
 
 def one_size(events: int, args: argparse.Namespace) -> dict[str, object]:
     log(f"size {events:,}: a fresh database")
-    database = FreshDatabase("system")
+    database = FreshDatabase(args.pg)
     try:
+        facts = asyncio.run(postgres_facts(database.url))
         grown = asyncio.run(grow(database.url, events, args.events_per_day, args.batch)) if events else {"events": 0}
         at_rest = asyncio.run(disk(database.url, events))
         log(f"size {events:,}: {at_rest['database_bytes'] / 2**30:.2f} GiB; serving")
@@ -477,7 +482,7 @@ def one_size(events: int, args: argparse.Namespace) -> dict[str, object]:
     finally:
         database.drop()
     return {
-        "events_pre_grown": events, "pre_grow": grown, "load_average_before_serving": load_before,
+        "events_pre_grown": events, "postgres": facts, "pre_grow": grown, "load_average_before_serving": load_before,
         # Per million events at rest after the pre-grow; for the empty database (nothing at
         # rest) per million of the run's own webhooks, after it.
         "disk": at_rest if events else after_run,
@@ -499,6 +504,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, help="steady phase length (default 20; --quick 4)")
     parser.add_argument("--step-seconds", type=float, help="ladder step length (default 6; --quick 2)")
     parser.add_argument("--rates", help="ladder, webhooks/s, comma-separated")
+    parser.add_argument("--pg", choices=["system", "embedded"], default="system",
+                        help="embedded: a Postgres of its own per size, with its default settings (autovacuum on)")
     parser.add_argument("--refine", type=int, help="bisecting steps after the ladder (default 2; --quick 1)")
     parser.add_argument("--p99-bound-ms", type=float, default=1000.0, help="a step whose ack p99 passes this is not clean")
     parser.add_argument("--events-per-day", type=int, default=750_000, help="spreads pre-grown events' times (default 750,000)")
@@ -515,21 +522,20 @@ def main() -> int:
     import uvloop
 
     uvloop.install()
-    facts = asyncio.run(postgres_facts(os.environ.get("PAYSTREAM_TEST_SYSTEM_PG",
-                                                      "postgresql://postgres@127.0.0.1:5432/postgres")))
     results = [one_size(n, args) for n in sizes]
     empty = next((r for r in results if r["events_pre_grown"] == 0), None)
     for r in results:
         if empty and empty["sustained_zero_error_webhooks_per_s"]:
             r["sustained_rate_vs_empty"] = round(r["sustained_zero_error_webhooks_per_s"]
                                                  / empty["sustained_zero_error_webhooks_per_s"], 3)
-    line = {"bench": "s8_storage", "quick": q, "sizes": sizes, "steady_rate_per_s": args.rate,
+    facts = results[0]["postgres"]
+    line = {"bench": "s8_storage", "postgres_backend": args.pg, "quick": q, "sizes": sizes, "steady_rate_per_s": args.rate,
             "steady_seconds": args.seconds, "step_seconds": args.step_seconds, "p99_bound_ms": args.p99_bound_ms,
             "bulk_load": BULK_LOAD_NOTE, "results": results,
             "machine": {**machine(), "postgres": facts["version"].split(" on ")[0], "postgres_settings": facts["settings"],
                         "disk_free_bytes_at_start": facts["disk_free_bytes"]}}
     print(json.dumps(line, default=str))
-    save("s8_storage", json.loads(json.dumps(line, default=str)))
+    save("s8_storage" if args.pg == "system" else f"s8_storage_{args.pg}", json.loads(json.dumps(line, default=str)))
     return 0
 
 
