@@ -12,6 +12,13 @@ from paystream.changes import store
 from paystream.changes.lifecycle import STATUSES, transition_allowed
 
 
+@pytest.fixture
+async def db(isolated: tuple[str, asyncpg.Connection]) -> asyncpg.Connection:
+    """A database of this test's own: these tests write rows past the effects (no ledger
+    entries), which the suite's closing `paystream ledger --check` would rightly report."""
+    return isolated[1]
+
+
 async def test_sql_and_python_agree_on_every_transition(db: asyncpg.Connection) -> None:
     for old, new, declined in itertools.product(STATUSES, STATUSES, (False, True)):
         sql = await db.fetchval("SELECT paystream_transition_allowed($1, $2, $3)", old, new, declined)
@@ -82,7 +89,9 @@ async def test_pushed_json_is_kept_byte_for_byte(db: asyncpg.Connection) -> None
     assert " " not in text.split('"metadata"')[0]
 
 
-async def test_migrations_are_recorded_and_idempotent(database_url: str, db: asyncpg.Connection) -> None:
+async def test_migrations_are_recorded_and_idempotent(
+        isolated: tuple[str, asyncpg.Connection], db: asyncpg.Connection) -> None:
+    database_url = isolated[0]
     from paystream.db import migrate, migration_files, missing_migrations
     from tests.harness import EXAMPLE_MIGRATIONS
 

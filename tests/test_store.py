@@ -12,6 +12,13 @@ from paystream.changes.lifecycle import Change, stripe_now
 from paystream.dev import trigger
 
 
+@pytest.fixture
+async def db(isolated: tuple[str, asyncpg.Connection]) -> asyncpg.Connection:
+    """A database of this test's own: these tests write rows past the effects (no ledger
+    entries), which the suite's closing `paystream ledger --check` would rightly report."""
+    return isolated[1]
+
+
 async def _new(db: asyncpg.Connection) -> asyncpg.Record:
     pi = trigger.stripe_id("pi_")
     async with db.transaction():
@@ -21,8 +28,9 @@ async def _new(db: asyncpg.Connection) -> asyncpg.Record:
     return row
 
 
-async def test_record_and_lock_stores_the_event_and_locks_its_transaction(db: asyncpg.Connection,
-                                                                          database_url: str) -> None:
+async def test_record_and_lock_stores_the_event_and_locks_its_transaction(
+        db: asyncpg.Connection, isolated: tuple[str, asyncpg.Connection]) -> None:
+    database_url = isolated[0]
     row = await _new(db)
     event = trigger.build("payment_intent.succeeded", row["stripe_id"])
     async with db.transaction():
