@@ -144,7 +144,10 @@ def storage(s8: dict) -> list[str]:
     def mib(b: float | None) -> str:
         return "–" if b is None else f"{b / 2**20:,.1f} MiB"
 
-    out = ["## S8 storage: the write path on a full database", "",
+    m = s8.get("machine", {})
+    backend = s8.get("postgres_backend", "system")
+    out = [f"## S8 storage: the write path on a full database ({backend} Postgres)", "",
+           f"{m.get('postgres')}, autovacuum {m.get('postgres_settings', {}).get('autovacuum', '?')}.", "",
            f"Each size is a fresh database pre-grown with SQL to that many Stripe events (raw bodies at Stripe's "
            f"size, 2 events per payment, with their log rows, delivered webhooks, idempotency keys and ledger rows; "
            f"{s8['bulk_load']}), then `paystream serve` takes processing + succeeded webhooks for new "
@@ -222,8 +225,9 @@ def main() -> int:
         lines += scale_out(s6, next((d for d in s1s if d["transport"] == "sse"), None))
     if s7 := load("s7_engines"):
         lines += engines(s7)
-    if s8 := load("s8_storage"):
-        lines += storage(s8)
+    for name in ("s8_storage", "s8_storage_embedded"):
+        if s8 := load(name):
+            lines += storage(s8)
     if s2 := load("s2_fanout"):
         lines += ["## S2 fan-out", "", row("subscribers", "events", "p50", "p90", "p99", "max", "once, in order"),
                   row(*["---"] * 7),
