@@ -165,6 +165,18 @@ class Paystream:
             yield SSE(resp)
 
 
+async def statuses_until(stream: SSE, final: str, timeout: float = 20) -> list[dict[str, Any]]:
+    """Every event the stream pushes up to and including the first at `final` (each
+    awaited, at most `timeout` seconds apart); fails if the stream ends first."""
+    seen = []
+    while True:
+        frame = await stream.event(timeout=timeout)
+        assert frame is not None, f"stream ended before {final}: {seen}"
+        seen.append(frame.json)
+        if frame.json["status"] == final:
+            return seen
+
+
 async def wait_until(predicate, timeout: float = 10, what: str = "condition") -> Any:  # noqa: ANN001
     """Re-check an outside fact (database, /readyz) until true: for state this process
     cannot be told about, never as a stand-in for an event it can await."""

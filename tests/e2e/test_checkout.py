@@ -17,7 +17,8 @@ import stripe
 
 from paystream.dev import trigger
 from paystream.dev.localstripe import LocalStripe
-from tests.support import SSE, Paystream, fixture_event, wait_until
+from tests.support import Paystream, fixture_event, wait_until
+from tests.support import statuses_until as until
 
 pytestmark = pytest.mark.e2e
 
@@ -56,16 +57,6 @@ async def create(ps: Paystream, **body: Any) -> dict[str, Any]:
     resp = await ps.http.post("/v1/transactions", headers=ps.backend, json={"kind": "checkout", **URLS, **body})
     assert resp.status_code == 201, resp.text
     return resp.json()
-
-
-async def until(stream: SSE, status: str) -> list[dict[str, Any]]:
-    seen = []
-    while True:
-        frame = await stream.event(timeout=15)
-        assert frame is not None, f"stream ended before {status}: {seen}"
-        seen.append(frame.json)
-        if frame.json["status"] == status:
-            return seen
 
 
 async def test_create_answers_the_hosted_page_and_paying_there_pushes_succeeded(

@@ -22,7 +22,8 @@ import pytest
 from paystream.dev import trigger
 from paystream.dev.localstripe import LocalStripe
 from tests.conftest import Server
-from tests.support import SSE, Paystream, StripeJs, wait_until
+from tests.support import Paystream, StripeJs, wait_until
+from tests.support import statuses_until as until_status
 
 pytestmark = pytest.mark.e2e
 
@@ -65,16 +66,6 @@ async def wallet(db: asyncpg.Connection, customer: str) -> int:
 def ledger_check(server: Server, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "paystream", "ledger", "--check", *args], capture_output=True,
                           text=True, timeout=60, env={**os.environ, "DATABASE_URL": server.database_url})
-
-
-async def until_status(stream: SSE, final: str) -> list[dict]:
-    seen = []
-    while True:
-        frame = await stream.event(timeout=20)
-        assert frame is not None, f"stream ended before {final}: {seen}"
-        seen.append(frame.json)
-        if frame.json["status"] == final:
-            return seen
 
 
 async def processed(db: asyncpg.Connection, invoice: str, *types: str) -> bool:

@@ -123,8 +123,9 @@ async def test_serve_refuses_other_effects_than_the_database_expects(own_databas
                            (dict(EFFECTS_ENV, PAYSTREAM_EFFECTS="tests.effects_probe:effect,"
                                  "examples.contract_revisions:effect"), "PAYSTREAM_EFFECTS")):
         server = Server(own_database, setting)
-        out = subprocess.run([sys.executable, "-m", "paystream", "serve", "--port", str(server.port)],
-                             env=server.env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        out = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "paystream", "serve", "--port", str(server.port)],
+            env=server.env, cwd=ROOT, capture_output=True, text=True, timeout=60)
         lines = out.stderr.strip().splitlines()
         assert out.returncode == 2 and len(lines) == 1 and named in lines[0], out.stderr
 
@@ -132,7 +133,8 @@ async def test_serve_refuses_other_effects_than_the_database_expects(own_databas
     without = {k: v for k, v in EFFECTS_ENV.items() if not k.startswith("PAYSTREAM_OUTBOUND")}
     assert paystream("migrate", env=bare_env(DATABASE_URL=own_database, **without)).returncode == 0
     server = Server(own_database, EFFECTS_ENV)
-    out = subprocess.run([sys.executable, "-m", "paystream", "serve", "--port", str(server.port)],
-                         env=server.env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    out = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "paystream", "serve", "--port", str(server.port)],
+        env=server.env, cwd=ROOT, capture_output=True, text=True, timeout=60)
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(lines) == 1 and "PAYSTREAM_OUTBOUND_URL" in lines[0], out.stderr

@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 
 from paystream.dev.localstripe import LocalStripe
-from tests.support import SSE, Paystream, StripeJs
+from tests.support import Paystream, StripeJs, statuses_until
 
 pytestmark = pytest.mark.e2e
 
@@ -29,16 +29,6 @@ async def create(ps: Paystream, **body: object) -> dict:
     resp = await ps.http.post("/v1/transactions", json=body, headers=ps.backend)
     assert resp.status_code == 201, resp.text
     return resp.json()
-
-
-async def statuses_until(stream: SSE, final: str) -> list[dict]:
-    seen = []
-    while True:
-        frame = await stream.event(timeout=15)
-        assert frame is not None, f"stream ended before {final}: {seen}"
-        seen.append(frame.json)
-        if frame.json["status"] == final:
-            return seen
 
 
 async def test_a_card_payment_is_pushed_to_the_browser(ps: Paystream, stripe_js: StripeJs) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from paystream.dev.localstripe import LocalStripe
 from tests.conftest import Server
-from tests.support import SSE, Paystream, StripeJs, wait_until
+from tests.support import Paystream, StripeJs, statuses_until, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -47,16 +47,6 @@ async def charge(ps: Paystream, customer: str, pm: str, amount: int = 4200):
     return await ps.http.post("/v1/transactions", headers=ps.backend, json={
         "kind": "payment", "amount": amount, "currency": "usd", "customer_id": customer,
         "payment_method": pm, "off_session": True, "confirm": True})
-
-
-async def statuses_until(stream: SSE, final: str) -> list[dict]:
-    seen = []
-    while True:
-        frame = await stream.event(timeout=15)
-        assert frame is not None, f"stream ended before {final}: {seen}"
-        seen.append(frame.json)
-        if frame.json["status"] == final:
-            return seen
 
 
 async def test_a_payment_keeps_its_card_which_is_listed_and_charged_off_session(

@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 
 from paystream.dev.localstripe import LocalStripe
-from tests.support import SSE, Paystream, StripeJs, wait_until
+from tests.support import Paystream, StripeJs, statuses_until, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -48,16 +48,6 @@ async def subscribe(ps: Paystream, customer: str, price: str, **extra: object) -
                               json={"kind": "subscription", "customer_id": customer, "price": price, **extra})
     assert resp.status_code == 201, resp.text
     return resp.json()
-
-
-async def statuses_until(stream: SSE, final: str) -> list[dict]:
-    seen = []
-    while True:
-        frame = await stream.event(timeout=20)
-        assert frame is not None, f"stream ended before {final}: {seen}"
-        seen.append(frame.json)
-        if frame.json["status"] == final:
-            return seen
 
 
 async def test_a_customer_with_a_default_card_is_active_at_once(ps: Paystream, stripe_js: StripeJs) -> None:
