@@ -52,3 +52,21 @@ def validated(model: type[Model], data: dict[str, Any] | bytes) -> Model:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "body"
         raise ApiError(400, "bad_request", f"{where}: {first['msg']}") from None
+
+
+def stripe_metadata(value: dict[str, str], reserved: tuple[str, ...]) -> dict[str, str]:
+    """Metadata as Stripe accepts it, so a bad pair is a 400 here and never a failed Stripe call.
+
+    Stripe's rules: keys of 1-40 characters without square brackets (they would be read as
+    nested form fields), values of at most 500; NUL is refused by Postgres' jsonb besides.
+    """
+    for key, item in value.items():
+        if "\x00" in key or "\x00" in item:
+            raise ValueError("metadata must not contain NUL characters")
+        if not key or len(key) > 40 or "[" in key or "]" in key:
+            raise ValueError("metadata keys are 1 to 40 characters, without '[' or ']'")
+        if len(item) > 500:
+            raise ValueError("metadata values are at most 500 characters")
+        if key in reserved:
+            raise ValueError(f"metadata key {key!r} is set by paystream")
+    return value

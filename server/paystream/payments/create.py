@@ -32,7 +32,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from paystream.auth import access, tokens
-from paystream.bodies import MAX_JSON_BODY, read_limited, validated
+from paystream.bodies import MAX_JSON_BODY, read_limited, stripe_metadata, validated
 from paystream.changes import store, transitions
 from paystream.changes.lifecycle import BEFORE_STRIPE, KINDS, Change, stripe_now
 from paystream.db import ACQUIRE_TIMEOUT
@@ -96,14 +96,7 @@ class CreateTransaction(BaseModel):
     @field_validator("metadata")
     @classmethod
     def _metadata(cls, value: dict[str, str]) -> dict[str, str]:
-        for key, item in value.items():
-            if "\x00" in key or "\x00" in item:
-                raise ValueError("metadata must not contain NUL characters")
-            if len(key) > 40 or len(item) > 500:  # Stripe's own limits
-                raise ValueError("metadata keys are at most 40 characters and values 500")
-            if key in ("transaction_id", "paystream_kind"):
-                raise ValueError(f"metadata key {key!r} is set by paystream")
-        return value
+        return stripe_metadata(value, reserved=("transaction_id", "paystream_kind"))
 
     def checked(self) -> CreateTransaction:
         """The rules across fields, common ones first (a kind never skips them)."""

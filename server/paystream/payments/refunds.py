@@ -26,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from paystream.auth import access
-from paystream.bodies import MAX_JSON_BODY, read_limited, validated
+from paystream.bodies import MAX_JSON_BODY, read_limited, stripe_metadata, validated
 from paystream.changes import refunds, store, transitions
 from paystream.changes.lifecycle import stripe_now
 from paystream.db import ACQUIRE_TIMEOUT
@@ -50,12 +50,7 @@ class RefundRequest(BaseModel):
     @field_validator("metadata")
     @classmethod
     def _metadata(cls, value: dict[str, str]) -> dict[str, str]:
-        for key, item in value.items():
-            if "\x00" in key or "\x00" in item or len(key) > 40 or len(item) > 500:
-                raise ValueError("metadata keys are at most 40 characters and values 500, without NUL")
-            if key in ("paystream_refund_id", "transaction_id"):
-                raise ValueError(f"metadata key {key!r} is set by paystream")
-        return value
+        return stripe_metadata(value, reserved=("paystream_refund_id", "transaction_id"))
 
 
 async def _payment_intent(conn: asyncpg.Connection, txn: asyncpg.Record) -> str | None:
