@@ -1,4 +1,4 @@
-"""Outbound webhooks (payments/outbound.py) below HTTP: the schedule, the signed message,
+"""Outbound webhooks (outbound/delivery.py) below HTTP: the schedule, the signed message,
 the settings check, and the queue's order, hand-over and replay on a real database of
 their own (the whole-system tests share theirs with the e2e servers)."""
 
@@ -23,8 +23,8 @@ from paystream.config import Settings
 from paystream.dev import trigger
 from paystream.effects import outbound as outbound_effect
 from paystream.ingest import webhooks
-from paystream.payments import outbound
-from paystream.payments.outbound import ATTEMPTS, JITTER, RETRY_DELAYS, Attempt, Deliverer
+from paystream.outbound import delivery as outbound
+from paystream.outbound.delivery import ATTEMPTS, JITTER, RETRY_DELAYS, Attempt, Deliverer
 
 SECRET = "whsec_" + base64.b64encode(b"k" * 24).decode()
 

@@ -28,8 +28,8 @@ from paystream.ingest.backfill import Backfiller
 from paystream.ops import health, metrics, openapi
 from paystream.ops.gc_tuning import GcTuning
 from paystream.ops.logs import setup_logging
+from paystream.outbound.delivery import Deliverer
 from paystream.payments import create, operations, payment_methods, refresh, refunds, subscriptions
-from paystream.payments.outbound import Deliverer
 from paystream.payments.reconcile_report import Reconciler
 from paystream.payments.recovery import Recovery
 from paystream.payments.refresh import RefreshLimits

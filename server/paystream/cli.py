@@ -223,7 +223,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if missing:
         print(f"paystream serve: refusing to start: {', '.join(missing)} not set", file=sys.stderr)
         return 2
-    from paystream.payments.outbound import config_problem
+    from paystream.outbound.delivery import config_problem
 
     problem = config_problem(Settings())
     if problem:
@@ -418,7 +418,7 @@ def cmd_events(args: argparse.Namespace) -> int:
 
 def cmd_deliveries(args: argparse.Namespace) -> int:
     from paystream import db
-    from paystream.payments import outbound
+    from paystream.outbound import delivery as outbound
 
     url = _database_url(announce=False)
 

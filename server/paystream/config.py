@@ -100,7 +100,7 @@ class Settings(BaseSettings):
     # close with 1012), so clients reconnect to the other nodes in a trickle; 0 ends them all at once.
     drain_seconds: float = Field(default=10.0, ge=0, le=3600, alias="PAYSTREAM_DRAIN_SECONDS")
 
-    # --- signed webhooks to the merchant's backend (issue 12; payments/outbound.py) ---
+    # --- signed webhooks to the merchant's backend (issue 12; outbound/delivery.py) ---
     # Every logged event is POSTed here as a Standard Webhooks message; needs the secret too.
     outbound_url: str | None = Field(default=None, alias="PAYSTREAM_OUTBOUND_URL")
     # The Standard Webhooks signing secret: whsec_ + base64 of ≥ 16 random bytes (24-64 advised).

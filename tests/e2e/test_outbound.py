@@ -29,7 +29,7 @@ from paystream.dev.localstripe import LocalStripe
 from paystream.dev.processes import free_port
 from paystream.effects.outbound import webhook_id
 from paystream.ingest.stripe_events import is_supported
-from paystream.payments.outbound import ATTEMPTS, JITTER, RETRY_DELAYS
+from paystream.outbound.delivery import ATTEMPTS, JITTER, RETRY_DELAYS
 from tests.conftest import ARTIFACTS, Server
 from tests.e2e.new_kinds import DECLINED, IBAN_OK, URLS, VISA, Stripe, own_emulator
 from tests.support import Paystream, wait_until

@@ -4,7 +4,7 @@ it, so no event is logged without its message nor queued without being logged.  
 NOTIFYs the deliverers' wake-up channel, except with the broker (PAYSTREAM_BROKER), whose
 commits take no NOTIFY lock: there the process that publishes the event wakes its own.
 
-Only a pointer (transaction, seq) is queued: the worker (paystream.payments.outbound)
+Only a pointer (transaction, seq) is queued: the worker (paystream.outbound.delivery)
 reads the message's data from the event log when it sends it, which is exactly the pushed
 event, with the fields later effects add.  A row queued behind an undelivered earlier one
 of its transaction waits (next_attempt_at NULL) until that one is delivered or fails: the

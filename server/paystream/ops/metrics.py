@@ -80,7 +80,7 @@ WEBHOOK_TO_PUSH = Histogram(
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
 )
 
-# Signed webhooks to the merchant's backend (payments/outbound.py).  The gauges count the
+# Signed webhooks to the merchant's backend (outbound/delivery.py).  The gauges count the
 # whole database's queue (every process reports the same numbers, refreshed every 5 s);
 # the counter and the histogram count this process's attempts.
 OUTBOUND_PENDING = Gauge("paystream_outbound_pending",
