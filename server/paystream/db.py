@@ -66,6 +66,11 @@ def _forget(task: asyncio.Future[object]) -> None:
         log.debug("abandoned database work ended with %r", task.exception())
 
 
+# A migration file that starts with this line runs statement by statement (each after a
+# line `-- statement`), outside any transaction.
+NO_TRANSACTION = "-- paystream: no transaction"
+
+
 def migrations_dir() -> Path:
     """paystream's own migrations: PAYSTREAM_MIGRATIONS if set; else the copy a wheel
     carries inside the package (the build puts db/migrations there); else the checkout's
@@ -246,11 +251,23 @@ async def migrate(dsn: str, extra: Mapping[str, Path] | None = None,
         for m in wanted:
             if (m.component, m.version) in done:
                 continue
-            async with conn.transaction():
-                await conn.execute(m.path.read_text())
+            text = m.path.read_text()
+            if text.startswith(NO_TRANSACTION):
+                # Statements that must not run in a transaction (CREATE INDEX CONCURRENTLY),
+                # or must each commit before the next (a constraint added NOT VALID, then
+                # validated without blocking writes): one at a time, each its own
+                # transaction, so the file is written to be run again from the top.
+                for statement in re.split(r"^-- statement$", text, flags=re.M)[1:]:
+                    await conn.execute(statement)
                 await conn.execute(
                     "INSERT INTO paystream_schema_version (component, version, name) VALUES ($1, $2, $3)",
                     m.component, m.version, m.name)
+            else:
+                async with conn.transaction():
+                    await conn.execute(text)
+                    await conn.execute(
+                        "INSERT INTO paystream_schema_version (component, version, name) VALUES ($1, $2, $3)",
+                        m.component, m.version, m.name)
             log.info("applied migration %s", m.label)
             applied.append(m.label)
         if record_effects is not None:

@@ -88,21 +88,11 @@ def render(row: asyncpg.Record | dict[str, Any]) -> dict[str, Any]:
 # --- stripe_events -------------------------------------------------------------------
 
 
-_STORE_EVENT = """
-    INSERT INTO stripe_events (id, type, object_id, api_version, livemode, created, raw_body, headers)
-    VALUES ($1, $2, $3, $4, $5, to_timestamp($6), $7, $8)
-    ON CONFLICT (id) DO UPDATE SET attempts = stripe_events.attempts + 1,
-        -- An event not applied yet (unsupported, invalid, failed) is applied from the body
-        -- that came now: keep that body, so the stored event is always what was applied.
-        -- (A parked one keeps the body its transaction will apply.)
-        type = CASE WHEN stripe_events.processed_at IS NULL AND stripe_events.outcome IS DISTINCT FROM 'parked' THEN excluded.type ELSE stripe_events.type END,
-        object_id = CASE WHEN stripe_events.processed_at IS NULL AND stripe_events.outcome IS DISTINCT FROM 'parked' THEN excluded.object_id ELSE stripe_events.object_id END,
-        api_version = CASE WHEN stripe_events.processed_at IS NULL AND stripe_events.outcome IS DISTINCT FROM 'parked' THEN excluded.api_version ELSE stripe_events.api_version END,
-        livemode = CASE WHEN stripe_events.processed_at IS NULL AND stripe_events.outcome IS DISTINCT FROM 'parked' THEN excluded.livemode ELSE stripe_events.livemode END,
-        created = CASE WHEN stripe_events.processed_at IS NULL AND stripe_events.outcome IS DISTINCT FROM 'parked' THEN excluded.created ELSE stripe_events.created END,
-        raw_body = CASE WHEN stripe_events.processed_at IS NULL AND stripe_events.outcome IS DISTINCT FROM 'parked' THEN excluded.raw_body ELSE stripe_events.raw_body END,
-        headers = CASE WHEN stripe_events.processed_at IS NULL AND stripe_events.outcome IS DISTINCT FROM 'parked' THEN excluded.headers ELSE stripe_events.headers END
-    RETURNING processed_at, outcome"""
+# One row per evt_ id across stripe_events' partitions (migration 017): a repeat counts an
+# attempt; an event not applied yet takes the body that came now, so the stored event is
+# always what was applied (a parked one keeps the body its transaction will apply).
+_STORE_EVENT = """SELECT processed_at, outcome
+    FROM paystream_store_event($1, $2, $3, $4, $5, to_timestamp($6), $7, $8)"""
 
 
 def _event_args(event: dict[str, Any], raw_body: str, headers: dict[str, str]) -> tuple[Any, ...]:
@@ -124,8 +114,9 @@ async def record_stripe_event(
 ) -> asyncpg.Record:
     """Store a verified delivery (or count a repeat) and lock its row until commit.
 
-    Concurrent deliveries of one event queue on this row: the second sees the first's
-    processed_at once it commits, so an event is applied once however many arrive.
+    Concurrent deliveries of one event queue on its id's advisory lock (held to commit): the
+    second sees the first's processed_at once it commits, so an event is applied once
+    however many arrive.
     """
     return await conn.fetchrow(_STORE_EVENT, *_event_args(event, raw_body, headers))
 
