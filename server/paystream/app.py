@@ -28,6 +28,7 @@ from paystream.ingest.backfill import Backfiller
 from paystream.ops import health, metrics, openapi
 from paystream.ops.gc_tuning import GcTuning
 from paystream.ops.logs import setup_logging
+from paystream.ops.retention import Maintainer, Retention
 from paystream.outbound.delivery import Deliverer
 from paystream.payments import create, operations, payment_methods, refresh, refunds, subscriptions
 from paystream.payments.reconcile_report import Reconciler
@@ -104,6 +105,13 @@ def create_app(settings: Settings | None = None, extra_routes: list[BaseRoute] |
                 reconciler = Reconciler(pool, api, settings.reconcile_interval_seconds,
                                         pace=4 / settings.stripe_rate)
                 reconciler.start()
+        # Storage retention: partitions made before the first webhook, then a pass each
+        # PAYSTREAM_PRUNE_INTERVAL (one process at a time).
+        # (With the schema behind, each pass fails with a warning until `paystream migrate`.)
+        maintainer = Maintainer(pool, Retention.from_settings(settings))
+        if not app.state.schema_missing:
+            await maintainer.start_up()
+        maintainer.start()
         # Signed webhooks to the merchant's backend (PAYSTREAM_OUTBOUND_URL), from every process.
         outbound = Deliverer.from_settings(pool, dsn, settings)
         if outbound is not None:
@@ -140,6 +148,7 @@ def create_app(settings: Settings | None = None, extra_routes: list[BaseRoute] |
                 await reconciler.stop()
             if outbound is not None:
                 await outbound.stop()
+            await maintainer.stop()
             await hub.stop()
             await pool.close()
 

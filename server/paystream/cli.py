@@ -522,6 +522,32 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     return 1 if report["errors"] else 0
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    from paystream import db
+    from paystream.config import Settings
+    from paystream.ops.retention import Retention, prune
+
+    url = _database_url(announce=False)
+    retention = Retention.from_settings(Settings())
+
+    async def once() -> dict:
+        pool = await db.create_pool(url, 3)
+        try:
+            missing = await db.missing_migrations(pool)
+            if missing:
+                raise SystemExit(f"paystream prune: the schema is behind ({', '.join(missing)}): "
+                                 "run `paystream migrate` first")
+            return (await prune(pool, retention, dry_run=args.dry_run)).as_json()
+        finally:
+            await pool.close()
+
+    report = asyncio.run(once())
+    print(json.dumps(report))
+    if not report["ran"]:
+        print("paystream prune: another process is pruning now; nothing done", file=sys.stderr)
+    return 0
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     from paystream import db, effects
     from paystream.config import Settings
@@ -750,6 +776,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--since", type=_duration, default=None, metavar="DURATION",
                    help="how far back, e.g. 90m, 6h, 3d (default: from the newest stored event minus 1h)")
     p.set_defaults(func=cmd_backfill)
+
+    p = sub.add_parser("prune", help="apply the retention once: drop and delete what is past it (JSON)",
+                       description="One retention pass, as every server runs each PAYSTREAM_PRUNE_INTERVAL "
+                       "(default 3600 s), one process at a time: make stripe_events' partitions ahead; drop "
+                       "each partition of Stripe events wholly older than PAYSTREAM_RETAIN_STRIPE_EVENTS "
+                       "(default 35 days) unless it holds an event not processed (failed or parked: it is "
+                       "kept, and listed); delete delivered outbound webhooks and finished outbox jobs older "
+                       "than PAYSTREAM_RETAIN_DELIVERED (7 days) and idempotency keys older than "
+                       "PAYSTREAM_RETAIN_IDEMPOTENCY_KEYS (24 hours). 0 keeps a kind forever. The transaction "
+                       "log, the ledger, refunds and transactions are never pruned. Prints one JSON object: "
+                       "partitions made, dropped (bytes freed) and kept, rows deleted per table; "
+                       "\"ran\": false when another process was pruning.")
+    p.add_argument("--dry-run", action="store_true",
+                   help="change nothing: list the partitions and count the rows that would go")
+    p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("ledger", help="print the ledger of money movements; check it",
                        description="Print ledger entries as JSON lines ({\"entry\": …}, oldest first), then "

@@ -64,6 +64,18 @@ class Settings(BaseSettings):
     # How long an event naming a txn_ that is not written yet waits for it (parked) before
     # it expires (outcome `expired`).
     parked_expiry_seconds: float = Field(default=86400, gt=0, alias="PAYSTREAM_PARKED_EXPIRY")
+    # Storage retention (issue 25; ops/retention.py), seconds; 0 keeps that kind forever.
+    # Processed Stripe events' partitions are dropped once their whole range is older than
+    # this (35 days: past Stripe's 30-day event window, so a backfill still recognises them);
+    # delivered outbound webhooks and finished outbox jobs after 7 days; idempotency keys
+    # after 24 hours (Stripe's own window).  The log, the ledger, refunds and transactions
+    # are never pruned.  Each server runs a pass every PAYSTREAM_PRUNE_INTERVAL seconds (one
+    # process at a time); partitions are PAYSTREAM_PARTITION_INTERVAL seconds of events.
+    retain_stripe_events_seconds: float = Field(default=35 * 86400, ge=0, alias="PAYSTREAM_RETAIN_STRIPE_EVENTS")
+    retain_delivered_seconds: float = Field(default=7 * 86400, ge=0, alias="PAYSTREAM_RETAIN_DELIVERED")
+    retain_idempotency_keys_seconds: float = Field(default=86400, ge=0, alias="PAYSTREAM_RETAIN_IDEMPOTENCY_KEYS")
+    partition_interval_seconds: float = Field(default=86400, ge=1, alias="PAYSTREAM_PARTITION_INTERVAL")
+    prune_interval_seconds: float = Field(default=3600, gt=0, alias="PAYSTREAM_PRUNE_INTERVAL")
     # Merchant effects, comma-separated: module:attribute or sql:schema.function (see
     # paystream.effects); the built-ins and installed entry points run as well.
     effects: str | None = Field(default=None, alias="PAYSTREAM_EFFECTS")

@@ -45,6 +45,14 @@ IGNORED = Counter("paystream_events_ignored_total",
 INVALID = Counter("paystream_events_invalid_total",
                   "Authentic Stripe events that contradict their transaction (a refund or dispute of more "
                   "than was paid): kept with outcome invalid, not applied")
+# Storage retention (ops/retention.py).
+PRUNE_RUNS = Counter("paystream_prune_runs_total", "Retention passes that ran (held the lock)")
+PRUNED_ROWS = Counter("paystream_pruned_rows_total", "Rows removed by retention, by table", ["table"])
+PARTITIONS_DROPPED = Counter("paystream_partitions_dropped_total",
+                             "Partitions of processed Stripe events dropped past PAYSTREAM_RETAIN_STRIPE_EVENTS")
+PARTITIONS_KEPT = Gauge("paystream_partitions_kept",
+                        "Partitions past retention kept because they still hold events not processed "
+                        "(failed, parked): `paystream events` lists them")
 PARKED_EXPIRED = Counter("paystream_parked_events_expired_total",
                          "Stripe events parked for a transaction that was never written, expired after "
                          "PAYSTREAM_PARKED_EXPIRY (outcome expired)")
