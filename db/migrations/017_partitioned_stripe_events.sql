@@ -68,9 +68,13 @@ CREATE TABLE stripe_events_default PARTITION OF stripe_events DEFAULT;
 
 CREATE FUNCTION paystream_store_event(
   p_id text, p_type text, p_object_id text, p_api_version text, p_livemode boolean,
-  p_created timestamptz, p_raw_body text, p_headers jsonb,
+  p_created timestamptz, p_raw_body text, p_headers jsonb, p_floor timestamptz,
   OUT processed_at timestamptz, OUT outcome text)
-LANGUAGE plpgsql VOLATILE AS $$
+LANGUAGE plpgsql VOLATILE
+-- p_floor: no row of this id has an earlier received_at (Stripe's `created` less a day, as
+-- the caller reckons it: changes/store.py).  As a planned value it prunes the lookup to the
+-- partitions since then: about two for a fresh event, however many retention keeps.
+SET plan_cache_mode = force_custom_plan AS $$
 DECLARE
   found_at timestamptz;
 BEGIN
@@ -79,7 +83,7 @@ BEGIN
   -- concurrent deliveries finds the first's row once the first commits.
   PERFORM pg_advisory_xact_lock(hashtextextended('paystream-stripe-event:' || p_id, 0));
   SELECT s.received_at, s.processed_at, s.outcome INTO found_at, processed_at, outcome
-    FROM stripe_events s WHERE s.id = p_id
+    FROM stripe_events s WHERE s.id = p_id AND s.received_at >= p_floor
    ORDER BY s.received_at LIMIT 1 FOR UPDATE;
   IF NOT FOUND THEN
     INSERT INTO stripe_events (id, type, object_id, api_version, livemode, created, raw_body, headers)
@@ -93,9 +97,10 @@ BEGIN
        SET attempts = s.attempts + 1, type = p_type, object_id = p_object_id,
            api_version = p_api_version, livemode = p_livemode, created = p_created,
            raw_body = p_raw_body, headers = p_headers
-     WHERE s.id = p_id AND s.received_at = found_at;
+     WHERE s.id = p_id AND s.received_at = found_at AND s.received_at >= p_floor;
   ELSE
     -- Applied, or parked (it keeps the body its transaction will apply).
-    UPDATE stripe_events s SET attempts = s.attempts + 1 WHERE s.id = p_id AND s.received_at = found_at;
+    UPDATE stripe_events s SET attempts = s.attempts + 1
+     WHERE s.id = p_id AND s.received_at = found_at AND s.received_at >= p_floor;
   END IF;
 END $$;

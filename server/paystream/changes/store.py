@@ -92,7 +92,35 @@ def render(row: asyncpg.Record | dict[str, Any]) -> dict[str, Any]:
 # attempt; an event not applied yet takes the body that came now, so the stored event is
 # always what was applied (a parked one keeps the body its transaction will apply).
 _STORE_EVENT = """SELECT processed_at, outcome
-    FROM paystream_store_event($1, $2, $3, $4, $5, to_timestamp($6), $7, $8)"""
+    FROM paystream_store_event($1, $2, $3, $4, $5, to_timestamp($6), $7, $8, $10)"""
+
+# stripe_events is partitioned by received_at (migration 017), and its id alone prunes no
+# partition.  An event is first received after Stripe created it, give or take the clocks'
+# skew: every row of an evt_ id has received_at >= its `created` less a day.  That floor,
+# passed as a value, lets the planner read (and lock) only the partitions since then, about
+# two for a fresh event, however many retention keeps.  The task that stored an event
+# keeps its floor here for the statements that finish it; any other id gets NO_FLOOR
+# (every partition: correct, only slower).
+NO_FLOOR = datetime(1970, 1, 1, tzinfo=UTC)
+_SKEW = timedelta(days=1)
+_event_floor: ContextVar[tuple[str, datetime] | None] = ContextVar("paystream_event_floor", default=None)
+
+
+def event_floor(event_id: str | None) -> datetime:
+    known = _event_floor.get()
+    return known[1] if known is not None and known[0] == event_id else NO_FLOOR
+
+
+def _remember_floor(event: dict[str, Any]) -> datetime:
+    created = event.get("created")
+    floor = NO_FLOOR
+    if isinstance(created, int) and not isinstance(created, bool):
+        try:
+            floor = max(NO_FLOOR, min(datetime.fromtimestamp(created, UTC), datetime.now(UTC)) - _SKEW)
+        except (OverflowError, OSError, ValueError):
+            floor = NO_FLOOR
+    _event_floor.set((event["id"], floor))
+    return floor
 
 
 def _event_args(event: dict[str, Any], raw_body: str, headers: dict[str, str]) -> tuple[Any, ...]:
@@ -118,7 +146,8 @@ async def record_stripe_event(
     second sees the first's processed_at once it commits, so an event is applied once
     however many arrive.
     """
-    return await conn.fetchrow(_STORE_EVENT, *_event_args(event, raw_body, headers))
+    floor = _remember_floor(event)
+    return await conn.fetchrow(_STORE_EVENT.replace("$10", "$9"), *_event_args(event, raw_body, headers), floor)
 
 
 async def record_and_lock(
@@ -136,7 +165,7 @@ async def record_and_lock(
             SELECT stored.processed_at AS event_processed_at, stored.outcome AS event_outcome, t.*
               FROM stored LEFT JOIN LATERAL (
                      SELECT {TXN_COLUMNS} FROM transactions WHERE stripe_id = $9 FOR UPDATE) t ON true""",
-        *_event_args(event, raw_body, headers), stripe_id)
+        *_event_args(event, raw_body, headers), stripe_id, _remember_floor(event))
     stored = {"processed_at": rec["event_processed_at"], "outcome": rec["event_outcome"]}
     return stored, (rec if rec["id"] is not None else None)  # type: ignore[return-value]
 
@@ -154,12 +183,13 @@ async def finish_stripe_event(
         """UPDATE stripe_events
               SET processed_at = CASE WHEN $5 THEN clock_timestamp() END,
                   outcome = $2, transaction_id = $3, error = $4
-            WHERE id = $1""",
+            WHERE id = $1 AND received_at >= $6""",
         event_id,
         outcome,
         transaction_id,
         error,
         processed,
+        event_floor(event_id),
     )
 
 
@@ -405,11 +435,12 @@ async def move_and_log(
     text, payload = _log_entry(moved, data, previous_status, stripe_event_id, event_type)
     args = (moved["id"], moved["seq"], moved["status"], moved["last_error"], moved["validated"],
             moved["status_at"], moved["amount_refunded"], moved["updated_at"], previous_status,
-            stripe_event_id, event_type, text, finish_event, moved["dispute"], moved.get("details"))
+            stripe_event_id, event_type, text, finish_event, moved["dispute"], moved.get("details"),
+            event_floor(stripe_event_id))
     if broker:
         logged = await conn.fetchval(_MOVE_SQL + _QUEUE_TAIL, *args)
     else:
-        logged = await conn.fetchval(_MOVE_SQL + "SELECT count(pg_notify($16, $17)) FROM logged",
+        logged = await conn.fetchval(_MOVE_SQL + "SELECT count(pg_notify($17, $18)) FROM logged",
                                      *args, CHANNEL, payload)
     if logged != 1:
         raise RuntimeError(f"transaction {moved['id']}: not at seq {moved['seq'] - 1} (moved by someone else?)")
@@ -430,7 +461,7 @@ _MOVE_SQL = """WITH moved AS (
            finished AS (
              UPDATE stripe_events
                 SET processed_at = clock_timestamp(), outcome = 'applied', transaction_id = $1, error = NULL
-              WHERE $13 AND id = $10 AND EXISTS (SELECT FROM logged)
+              WHERE $13 AND id = $10 AND received_at >= $16 AND EXISTS (SELECT FROM logged)
           RETURNING 1)
            """
 

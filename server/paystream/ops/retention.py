@@ -302,8 +302,13 @@ async def _prune_stripe_events(pool: asyncpg.Pool, before: datetime, report: Pru
         try:
             async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn, conn.transaction():
                 await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
-                # No write can reach it while we look again: nothing not processed goes.
-                await conn.execute(f"LOCK TABLE {part.name} IN SHARE MODE")
+                # The parent first, as every statement on stripe_events locks it (a lock on
+                # the partition first would deadlock with one that holds the parent and
+                # wants the partition); DROP needs both.  Webhooks wait for these few
+                # milliseconds.  No write reaches the partition while we look again: nothing
+                # not processed goes.
+                await conn.execute(f"LOCK TABLE ONLY {PARENT} IN ACCESS EXCLUSIVE MODE")
+                await conn.execute(f"LOCK TABLE {part.name} IN ACCESS EXCLUSIVE MODE")
                 if await conn.fetchval(f"SELECT EXISTS (SELECT FROM {part.name} WHERE processed_at IS NULL)"):
                     continue
                 await conn.execute(f"DROP TABLE {part.name}")
