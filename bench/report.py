@@ -178,6 +178,21 @@ def storage(s8: dict) -> list[str]:
         for name, i in d["indexes"].items():
             if i["bytes"] > 1 << 20:
                 out.append(row(name, i["table"], mib(i["per_million_events"])))
+    ret = s8.get("retention")
+    if ret:
+        out += ["", f"Retention in minutes: webhooks at {ret['rate_per_s']:g}/s for {ret['minutes']:g} min on a fresh "
+                f"database, Stripe events kept {ret['retain_stripe_events_s']:g} s in partitions of "
+                f"{ret['partition_interval_s']:g} s ({ret['errors']} errors, {ret['not_applied']} not applied):", "",
+                row("t", "webhooks sent", "stripe_events", "partitions", "transaction_events", "database"),
+                row(*["---"] * 6)]
+        for r in ret["samples"]:
+            out.append(row(f"{r['t_s']:g} s", f"{r['webhooks_sent']:,}", mib(r["stripe_events_bytes"]), r["partitions"],
+                           mib(r["transaction_events_bytes"]), mib(r["database_bytes"])))
+        if a := ret.get("after_retention"):
+            out += ["", f"After retention is reached ({ret['retention_reached_s']:g} s): stripe_events "
+                    f"{mib(a['stripe_events_bytes_min'])}–{mib(a['stripe_events_bytes_max'])}, growing "
+                    f"{mib(a['stripe_events_growth_bytes_per_min'])}/min against the log's "
+                    f"{mib(a['transaction_events_growth_bytes_per_min'])}/min (never pruned)."]
     return [*out, ""]
 
 

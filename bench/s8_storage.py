@@ -28,6 +28,16 @@ For each size (default: 0 and 1,000,000 events):
   autovacuum and autoanalyze counts, last_autovacuum) and pg_stat_progress_vacuum sampled
   every 0.5 s.
 
+Then (--retention-minutes, default 5; 0 skips) retention measured in minutes: a fresh
+database, `paystream serve` with PAYSTREAM_RETAIN_STRIPE_EVENTS=--retention-keep (60 s) and
+partitions of --retention-partition (15 s), webhooks at --rate for that long, disk sampled
+every --retention-sample seconds: stripe_events should stop growing once its first
+partitions pass retention, while the log and the ledger (never pruned) grow with payments.
+
+Pre-grown events go into stripe_events' partitions (a day each, as a server makes them) over
+their whole span: --events-per-day 28000 spreads a million over 35 days, the partitions a
+production database holds at the default retention.
+
 The system Postgres of the test machines runs with autovacuum off (the JSON line records
 the settings); --pg embedded gives each size a Postgres of its own with the defaults.
 
@@ -35,6 +45,7 @@ Prints one JSON line and writes bench/results/s8_storage.json (--pg embedded:
 s8_storage_embedded.json).
 
     .venv/bin/python bench/s8_storage.py [--quick] [--sizes 0,1000000,5000000] [--pg embedded]
+                                         [--events-per-day 28000] [--retention-minutes 5]
 """
 
 from __future__ import annotations
@@ -46,6 +57,7 @@ import os
 import shutil
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import asyncpg
@@ -56,6 +68,7 @@ from clients import WebhookSender  # noqa: E402
 from common import machine, save, summary  # noqa: E402
 
 from paystream.dev import trigger  # noqa: E402
+from paystream.ops.retention import Retention, ensure_partitions  # noqa: E402
 from tests.harness import FreshDatabase, Server  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "stripe"
@@ -193,6 +206,15 @@ async def grow(url: str, events: int, events_per_day: int, batch: int) -> dict[s
     payments = events // 2
     span = max(60.0, events / events_per_day * 86400)
     (proc, proc_api), (succ, succ_api) = body_template("payment_intent.processing"), body_template("payment_intent.succeeded")
+    # stripe_events' partitions for the whole span, as a server running all along made them
+    # (PAYSTREAM_PARTITION_INTERVAL's default: a day each).
+    pool = await asyncpg.create_pool(url, min_size=1, max_size=2)
+    try:
+        made = await ensure_partitions(pool, Retention(), since=await pool.fetchval("SELECT now()")
+                                       - timedelta(seconds=span + 3600))
+    finally:
+        await pool.close()
+    log(f"{len(made)} partitions of stripe_events for {span / 86400:.1f} days")
     conn = await asyncpg.connect(url, command_timeout=None)
     t0 = time.perf_counter()
     try:
@@ -226,6 +248,7 @@ async def grow(url: str, events: int, events_per_day: int, batch: int) -> dict[s
     if bad:
         raise RuntimeError(f"pre-grown rows break the schema's rules: {bad}")
     return {"events": payments * 2, "payments": payments, "days_spread": round(span / 86400, 2),
+            "stripe_events_partitions": len(made),
             "seconds": round(grown_s, 1), "vacuum_analyze_seconds": round(vacuum_s, 1), "checks": checks,
             "bulk_load": BULK_LOAD_NOTE if payments else None}
 
@@ -234,16 +257,22 @@ async def disk(url: str, events: int) -> dict[str, object]:
     """Bytes of every table (heap, TOAST, indexes, total) and index, and per million events."""
     conn = await asyncpg.connect(url)
     try:
+        # A partitioned table (stripe_events) is counted as one: its partitions summed.
         tables = await conn.fetch(
-            """SELECT c.relname, c.reltuples::bigint AS rows, pg_relation_size(c.oid) AS heap,
-                      coalesce(pg_total_relation_size(nullif(c.reltoastrelid, 0)), 0) AS toast,
-                      pg_indexes_size(c.oid) AS indexes, pg_total_relation_size(c.oid) AS total
+            """SELECT coalesce(p.relname, c.relname) AS relname, sum(greatest(c.reltuples, 0))::bigint AS rows,
+                      count(*) AS partitions, sum(pg_relation_size(c.oid))::bigint AS heap,
+                      sum(coalesce(pg_total_relation_size(nullif(c.reltoastrelid, 0)), 0))::bigint AS toast,
+                      sum(pg_indexes_size(c.oid))::bigint AS indexes, sum(pg_total_relation_size(c.oid))::bigint AS total
                  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                WHERE n.nspname = 'public' AND c.relkind = 'r' ORDER BY total DESC""")
+                 LEFT JOIN pg_inherits h ON h.inhrelid = c.oid LEFT JOIN pg_class p ON p.oid = h.inhparent
+                WHERE n.nspname = 'public' AND c.relkind = 'r' GROUP BY 1 ORDER BY total DESC""")
         indexes = await conn.fetch(
-            """SELECT i.indexrelid::regclass::text AS name, c.relname AS table_name, pg_relation_size(i.indexrelid) AS bytes
+            """SELECT coalesce(h.inhparent::regclass::text, i.indexrelid::regclass::text) AS name,
+                      coalesce(p.relname, c.relname) AS table_name, sum(pg_relation_size(i.indexrelid))::bigint AS bytes
                  FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace
-                WHERE n.nspname = 'public' ORDER BY bytes DESC""")
+                 LEFT JOIN pg_inherits h ON h.inhrelid = i.indexrelid
+                 LEFT JOIN pg_inherits ht ON ht.inhrelid = c.oid LEFT JOIN pg_class p ON p.oid = ht.inhparent
+                WHERE n.nspname = 'public' GROUP BY 1, 2 ORDER BY bytes DESC""")
         database = await conn.fetchval("SELECT pg_database_size(current_database())")
     finally:
         await conn.close()
@@ -254,7 +283,8 @@ async def disk(url: str, events: int) -> dict[str, object]:
 
     return {
         "events": events, "database_bytes": database, "database_bytes_per_million_events": scaled(database),
-        "tables": {r["relname"]: {"rows": max(r["rows"], 0), "heap": r["heap"], "toast": r["toast"],
+        "tables": {r["relname"]: {"rows": max(r["rows"], 0), "partitions": r["partitions"], "heap": r["heap"],
+                                  "toast": r["toast"],
                                   "indexes": r["indexes"], "total": r["total"],
                                   "total_per_million_events": scaled(r["total"])} for r in tables},
         "indexes": {r["name"]: {"table": r["table_name"], "bytes": r["bytes"], "per_million_events": scaled(r["bytes"])}
@@ -496,6 +526,84 @@ def one_size(events: int, args: argparse.Namespace) -> dict[str, object]:
     }
 
 
+_RETENTION_SIZES = """
+    SELECT (SELECT coalesce(sum(pg_total_relation_size(relid)), 0) FROM pg_partition_tree('stripe_events')
+             WHERE isleaf)::bigint AS stripe_events_bytes,
+           (SELECT count(*) FROM pg_partition_tree('stripe_events') WHERE isleaf) AS partitions,
+           (SELECT count(*) FROM stripe_events) AS stripe_events_rows,
+           pg_total_relation_size('transaction_events') AS transaction_events_bytes,
+           pg_total_relation_size('transactions') AS transactions_bytes,
+           pg_total_relation_size('ledger_entries') AS ledger_entries_bytes,
+           pg_database_size(current_database()) AS database_bytes"""
+
+
+async def steady_retention(server: Server, url: str, args: argparse.Namespace) -> dict[str, object]:
+    """Webhooks at --rate for --retention-minutes in chunks of --retention-sample seconds,
+    the sizes sampled after each chunk."""
+    conn = await asyncpg.connect(url)
+    samples, chunks = [], []
+    t0 = time.perf_counter()
+    try:
+        while time.perf_counter() - t0 < args.retention_minutes * 60:
+            chunk = await step(server, args.rate, args.retention_sample)
+            chunks.append({k: chunk[k] for k in ("webhooks", "achieved_per_s", "errors", "not_applied")})
+            row = dict(await conn.fetchrow(_RETENTION_SIZES))
+            row["t_s"] = round(time.perf_counter() - t0, 1)
+            row["webhooks_sent"] = sum(c["webhooks"] for c in chunks)
+            samples.append(row)
+            log(f"retention: {row['t_s']:.0f} s, stripe_events {row['stripe_events_bytes'] / 2**20:.1f} MiB "
+                f"in {row['partitions']} partitions, log {row['transaction_events_bytes'] / 2**20:.1f} MiB")
+    finally:
+        await conn.close()
+    return {"samples": samples, "errors": sum(c["errors"] for c in chunks),
+            "not_applied": sum(c["not_applied"] for c in chunks),
+            "achieved_per_s": round(sum(c["webhooks"] for c in chunks) / (time.perf_counter() - t0), 1)}
+
+
+def retention_run(args: argparse.Namespace) -> dict[str, object]:
+    """Disk under steady load with retention measured in minutes: stripe_events should stop
+    growing once its first partitions pass retention; the log and the ledger, never pruned,
+    grow with the payments."""
+    log(f"retention: {args.rate:g} webhooks/s for {args.retention_minutes:g} min, events kept "
+        f"{args.retention_keep:g} s in partitions of {args.retention_partition:g} s")
+    database = FreshDatabase(args.pg)
+    env = {"PAYSTREAM_DB_POOL": "20", "PAYSTREAM_PARTITION_INTERVAL": f"{args.retention_partition:g}",
+           "PAYSTREAM_RETAIN_STRIPE_EVENTS": f"{args.retention_keep:g}",
+           "PAYSTREAM_PRUNE_INTERVAL": f"{args.retention_partition / 3:g}"}
+    try:
+        server = Server(database.url, env).start(timeout=120)
+        try:
+            served = asyncio.run(steady_retention(server, database.url, args))
+        finally:
+            server.stop()
+    finally:
+        database.drop()
+    samples = served["samples"]
+    # Retention is reached once the oldest partition's whole range is past it, and the next
+    # pass (a third of a partition later) has run.
+    reached = args.retention_keep + 2 * args.retention_partition
+    after = [r for r in samples if r["t_s"] >= reached]
+    out: dict[str, object] = {"rate_per_s": args.rate, "minutes": args.retention_minutes,
+                              "retain_stripe_events_s": args.retention_keep,
+                              "partition_interval_s": args.retention_partition, "retention_reached_s": reached,
+                              **served}
+    if len(after) >= 2:
+        sizes = [r["stripe_events_bytes"] for r in after]
+        first, last = after[0], after[-1]
+        minutes = (last["t_s"] - first["t_s"]) / 60
+        out["after_retention"] = {
+            "samples": len(after), "stripe_events_bytes_min": min(sizes), "stripe_events_bytes_max": max(sizes),
+            "stripe_events_bytes_first": first["stripe_events_bytes"], "stripe_events_bytes_last": last["stripe_events_bytes"],
+            # Growth of the pruned table per minute once retention is reached, against the
+            # log's (never pruned): flat is ~0 against the log's steady growth.
+            "stripe_events_growth_bytes_per_min": round((last["stripe_events_bytes"] - first["stripe_events_bytes"]) / minutes),
+            "transaction_events_growth_bytes_per_min": round(
+                (last["transaction_events_bytes"] - first["transaction_events_bytes"]) / minutes),
+            "database_growth_bytes_per_min": round((last["database_bytes"] - first["database_bytes"]) / minutes),
+        }
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", help="events to pre-grow, comma-separated (default 0,1000000; --quick: 0,20000)")
@@ -510,6 +618,14 @@ def main() -> int:
     parser.add_argument("--p99-bound-ms", type=float, default=1000.0, help="a step whose ack p99 passes this is not clean")
     parser.add_argument("--events-per-day", type=int, default=750_000, help="spreads pre-grown events' times (default 750,000)")
     parser.add_argument("--batch", type=int, default=25_000, help="payments per pre-grow statement")
+    parser.add_argument("--retention-minutes", type=float,
+                        help="then webhooks at --rate this long on a fresh database with retention in minutes, "
+                             "sampling disk (default 5; --quick 1.5; 0: skip)")
+    parser.add_argument("--retention-keep", type=float, default=60.0,
+                        help="PAYSTREAM_RETAIN_STRIPE_EVENTS of that phase, seconds (default 60)")
+    parser.add_argument("--retention-partition", type=float, default=15.0,
+                        help="PAYSTREAM_PARTITION_INTERVAL of that phase, seconds (default 15)")
+    parser.add_argument("--retention-sample", type=float, default=10.0, help="seconds between disk samples (default 10)")
     args = parser.parse_args()
     q = args.quick
     sizes = [int(s) for s in (args.sizes or ("0,20000" if q else "0,1000000")).split(",")]
@@ -522,7 +638,10 @@ def main() -> int:
     import uvloop
 
     uvloop.install()
+    if args.retention_minutes is None:
+        args.retention_minutes = 1.5 if q else 5.0
     results = [one_size(n, args) for n in sizes]
+    retention = retention_run(args) if args.retention_minutes > 0 else None
     empty = next((r for r in results if r["events_pre_grown"] == 0), None)
     for r in results:
         if empty and empty["sustained_zero_error_webhooks_per_s"]:
@@ -531,7 +650,7 @@ def main() -> int:
     facts = results[0]["postgres"]
     line = {"bench": "s8_storage", "postgres_backend": args.pg, "quick": q, "sizes": sizes, "steady_rate_per_s": args.rate,
             "steady_seconds": args.seconds, "step_seconds": args.step_seconds, "p99_bound_ms": args.p99_bound_ms,
-            "bulk_load": BULK_LOAD_NOTE, "results": results,
+            "bulk_load": BULK_LOAD_NOTE, "results": results, "retention": retention,
             "machine": {**machine(), "postgres": facts["version"].split(" on ")[0], "postgres_settings": facts["settings"],
                         "disk_free_bytes_at_start": facts["disk_free_bytes"]}}
     print(json.dumps(line, default=str))
