@@ -21,6 +21,7 @@ ALTER INDEX stripe_events_unprocessed_idx RENAME TO stripe_events_legacy_unproce
 ALTER TABLE stripe_events_legacy DROP CONSTRAINT stripe_events_pkey;
 ALTER TABLE stripe_events_legacy
   ADD CONSTRAINT stripe_events_legacy_pkey PRIMARY KEY USING INDEX stripe_events_id_received_key;
+ALTER TABLE stripe_events_legacy ADD COLUMN first_received_at timestamptz;  -- no default: no rewrite
 
 CREATE TABLE stripe_events (
   id             text NOT NULL CONSTRAINT stripe_events_id_check CHECK (id ~ '^evt_'),
@@ -33,10 +34,16 @@ CREATE TABLE stripe_events (
   headers        jsonb NOT NULL,
   received_at    timestamptz NOT NULL DEFAULT clock_timestamp(),
   processed_at   timestamptz,           -- NULL: stored, not (yet) applied
-  transaction_id text CONSTRAINT stripe_events_transaction_id_fkey REFERENCES transactions (id),
+  -- No foreign key to transactions here: attaching a partition would then lock
+  -- transactions against writes (the key is cloned onto it), every day, under load.
+  -- The converted table keeps the one it had.
+  transaction_id text,
   outcome        text,
   error          text,
   attempts       integer NOT NULL DEFAULT 1,
+  -- Set when retention moved an event not processed yet out of a partition it was about to
+  -- drop (received_at then says when it was moved): when it first came.
+  first_received_at timestamptz,
   CONSTRAINT stripe_events_pkey PRIMARY KEY (id, received_at)
 ) PARTITION BY RANGE (received_at);
 CREATE INDEX stripe_events_object_idx ON stripe_events (object_id);
@@ -53,7 +60,7 @@ BEGIN
     IF cutoff IS NULL OR NOT EXISTS (SELECT FROM pg_constraint WHERE conname = 'stripe_events_before_partitions'
                                                             AND convalidated) THEN
       -- No validated range (rows came after 016 found the table empty): a scan, of few rows.
-      cutoff := clock_timestamp() + interval '10 minutes';
+      cutoff := date_trunc('day', clock_timestamp()) + interval '1 day';
     END IF;
     EXECUTE format('ALTER TABLE stripe_events ATTACH PARTITION stripe_events_legacy
                       FOR VALUES FROM (MINVALUE) TO (%L)', cutoff);
