@@ -123,6 +123,8 @@ async def test_prune_drops_processed_events_and_nothing_still_needed(
             # --dry-run: lists and counts, changes nothing.
             dry = await prune(server.env, "--dry-run")
             assert dry["dry_run"] and dry["stripe_events"]["partitions_dropped"]
+            assert dry["stripe_events"]["unprocessed_moved_forward"] == 2
+            assert await db.fetchval("SELECT count(*) FROM stripe_events WHERE first_received_at IS NOT NULL") == 0
             assert dry["rows_deleted"] == {"stripe_events_default": 0, "outbound_deliveries": 1, "outbox": 1,
                                            "idempotency_keys": 1}
             assert await db.fetchval("SELECT count(*) FROM stripe_events WHERE id = ANY($1)", processed) == 4
@@ -133,16 +135,19 @@ async def test_prune_drops_processed_events_and_nothing_still_needed(
             report = await prune(server.env)
             assert report["ran"] and not report["dry_run"]
             dropped = {p["partition"] for p in report["stripe_events"]["partitions_dropped"]}
-            kept = {p["partition"]: p["unprocessed"] for p in report["stripe_events"]["partitions_kept"]}
             assert dropped and report["stripe_events"]["bytes_freed"] > 0
+            assert report["errors"] == [] and report["stripe_events"]["partitions_kept"] == []
             # Gone: every processed event, whole partitions of them.
             assert await db.fetchval("SELECT count(*) FROM stripe_events WHERE id = ANY($1)", processed) == 0
-            # Kept: the parked and the unapplied events, bodies and all, in partitions kept whole.
-            still = await db.fetch("SELECT id, tableoid::regclass::text AS part, raw_body, processed_at"
-                                   " FROM stripe_events WHERE id = ANY($1)", needed)
+            # Kept: the parked and the unapplied events, bodies and all, moved forward out of
+            # the partitions that went, with when they first came.
+            assert report["stripe_events"]["unprocessed_moved_forward"] == 2
+            still = await db.fetch("SELECT id, tableoid::regclass::text AS part, raw_body, processed_at, outcome,"
+                                   " first_received_at, received_at FROM stripe_events WHERE id = ANY($1)", needed)
             assert {r["id"] for r in still} == set(needed)
-            assert all(r["processed_at"] is None and r["part"] in kept for r in still)
-            assert sum(kept.values()) == 2
+            assert all(r["processed_at"] is None and r["part"] not in dropped for r in still)
+            assert all(r["first_received_at"] is not None and r["first_received_at"] < r["received_at"] for r in still)
+            assert {r["id"]: r["outcome"] for r in still} == {parked["id"]: "parked", invalid["id"]: "invalid"}
             assert json.loads(next(r for r in still if r["id"] == parked["id"])["raw_body"]) == parked
             assert await db.fetchval("SELECT count(*) FROM parked_events WHERE stripe_event_id = $1", parked["id"]) == 1
             # The log, the ledger, transactions and refunds: untouched.

@@ -211,8 +211,8 @@ class Recovery(BackgroundTask):
         candidates = await self.pool.fetch(
             """SELECT p.stripe_event_id, p.transaction_id FROM parked_events p
                  JOIN stripe_events s ON s.id = p.stripe_event_id
-                WHERE s.received_at < clock_timestamp() - $1::interval
-                ORDER BY s.received_at LIMIT 1000""", self.parked_expiry)
+                WHERE coalesce(s.first_received_at, s.received_at) < clock_timestamp() - $1::interval
+                ORDER BY coalesce(s.first_received_at, s.received_at) LIMIT 1000""", self.parked_expiry)
         for candidate in candidates:
             async with self.pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn, conn.transaction():
                 await transitions.lock_for_writing(conn, candidate["transaction_id"])
