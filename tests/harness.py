@@ -98,7 +98,9 @@ class Server:
         }
         log_dir = log_dir or Path(tempfile.gettempdir())
         log_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path = log_dir / f"server-{self.port}.log"
+        # Its own file: a port is reused across runs, and a log appended to an earlier
+        # run's would hold lines this server never wrote (its restarts append to it).
+        self.log_path = log_dir / f"server-{self.port}-{secrets.token_hex(4)}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30, ready: Callable[[httpx.Response], bool] | None = None) -> Server:
