@@ -277,7 +277,7 @@ async def prune(pool: asyncpg.Pool, retention: Retention, *, dry_run: bool = Fal
     return report
 
 
-async def start_up(pool: asyncpg.Pool, retention: Retention) -> bool:
+async def partitions_at_start(pool: asyncpg.Pool, retention: Retention) -> bool:
     """The partitions for now and ahead, under the pass's lock (False: another process held
     it, and is making them)."""
     async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as lock_conn, lock_conn.transaction():
@@ -426,7 +426,7 @@ class Maintainer(BackgroundTask):
         tried again every RETRY seconds: the default partition takes rows meanwhile, and
         the next pass moves them)."""
         try:
-            await start_up(self.pool, self.retention)
+            await partitions_at_start(self.pool, self.retention)
             self.ready = True
         except DATABASE_ERRORS as exc:
             log.warning("could not make stripe_events' partitions (the schema behind?): %s", exc)
