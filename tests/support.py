@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -225,3 +227,9 @@ class StripeJs:
 
     async def customer(self) -> str:
         return (await self.http.post("/v1/customers", data={"email": "buyer@example.com"})).json()["id"]
+
+
+def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`paystream ARGS` as an operator runs it, from the checkout, with exactly `env`."""
+    return subprocess.run([sys.executable, "-m", "paystream", *args], env=env,
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)

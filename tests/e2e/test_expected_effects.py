@@ -21,6 +21,7 @@ from tests.conftest import ARTIFACTS, Server
 from tests.e2e.test_backfill import VISA, events_listed, run_backfill
 from tests.harness import ROOT, free_port
 from tests.support import Paystream, StripeJs, wait_until
+from tests.support import cli as paystream
 
 pytestmark = pytest.mark.e2e
 
@@ -35,11 +36,6 @@ def bare_env(**values: str) -> dict[str, str]:
     """What an operator's shell has when running a one-off command: no PAYSTREAM_* at all."""
     keep = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TMPDIR")}
     return {**keep, **values}
-
-
-def paystream(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "paystream", *args], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
 
 
 @pytest.fixture

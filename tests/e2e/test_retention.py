@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import subprocess
-import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -26,6 +24,7 @@ from paystream.dev.localstripe import LocalStripe
 from tests.conftest import Server
 from tests.harness import ROOT
 from tests.support import Paystream, wait_until
+from tests.support import cli as paystream
 
 pytestmark = pytest.mark.e2e
 
@@ -40,11 +39,6 @@ RETENTION_ENV = {
     "PAYSTREAM_PARKED_EXPIRY": "3600",
     "PAYSTREAM_BACKFILL_INTERVAL": "86400",
 }
-
-
-def paystream(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "paystream", *args], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
 
 
 async def prune(env: dict[str, str], *extra: str) -> dict:
