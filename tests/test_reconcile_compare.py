@@ -48,6 +48,14 @@ def test_a_refund_only_stripe_knows_is_a_difference() -> None:
     assert found(row(amount=2500), payment_intent()) == {("amount", 2500, 2000)}
 
 
+def test_a_partial_capture_agrees_on_what_was_taken() -> None:
+    """Stripe keeps the PaymentIntent's `amount` as authorised; ours is what was taken."""
+    pi = payment_intent(amount_captured=1200)
+    pi["amount_received"] = 1200
+    assert found(row(amount=1200), pi) == set()
+    assert found(row(), pi) == {("amount", 2000, 1200)}
+
+
 def test_a_checkout_whose_delayed_payment_failed_agrees() -> None:
     session = fixture_event("checkout.session.completed__stripe-ruby-mock")["data"]["object"]
     session.update(status="complete", payment_status="unpaid")

@@ -61,6 +61,26 @@ def test_full_refund_and_partial_refund() -> None:
     assert interpret(partial).change.status == "partially_refunded"  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize("name", ["payment_intent.succeeded__stripe-ruby-mock", "charge.captured__stripe-ruby-mock",
+                                  "charge.succeeded__zulip", "charge.refunded__stripe-ruby-mock"])
+def test_what_a_capture_took_is_read_from_the_event(name: str) -> None:
+    """A PaymentIntent's amount_received, a charge's amount_captured: what the transaction
+    took, less than its amount after a partial capture (transitions.apply)."""
+    event = fixture_event(name)
+    obj = event["data"]["object"]
+    taken = obj.get("amount_received", obj.get("amount_captured"))
+    assert isinstance(taken, int) and taken > 0
+    assert interpret(event).change.amount_captured == taken  # type: ignore[union-attr]
+    field = "amount_received" if "amount_received" in obj else "amount_captured"
+    obj[field] = taken // 3
+    assert interpret(event).change.amount_captured == taken // 3  # type: ignore[union-attr]
+
+
+def test_an_authorisation_says_nothing_of_what_was_taken() -> None:
+    event = fixture_event("payment_intent.amount_capturable_updated__stripe-ruby-mock")
+    assert interpret(event).change.amount_captured is None  # type: ignore[union-attr]
+
+
 def test_releasing_an_uncaptured_authorisation_is_not_a_refund() -> None:
     event = fixture_event("charge.refunded__stripe-ruby-mock")
     event["data"]["object"].update(captured=False)

@@ -6,11 +6,17 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import asyncio
+import time
+
 import asyncpg
 import pytest
+import stripe
 
+from paystream.dev import trigger
 from paystream.dev.localstripe import LocalStripe
-from tests.support import Paystream, StripeJs
+from tests.conftest import Server
+from tests.support import Paystream, StripeJs, cli
 
 pytestmark = pytest.mark.e2e
 
@@ -132,3 +138,64 @@ async def test_a_partial_capture_of_a_top_up_credits_only_what_was_taken(
     assert balance == 100
     over = await ps.http.post(f"/v1/transactions/{txn}/refunds", headers=ps.backend, json={"amount": 101})
     assert over.status_code == 400 and over.json()["error"]["code"] == "refund_exceeds_captured"
+
+
+@pytest.mark.parametrize("kind", ["payment", "wallet_top_up"])
+async def test_a_partial_capture_made_in_the_dashboard_takes_only_what_was_captured(
+        ps: Paystream, server: Server, stripe_js: StripeJs, local_stripe: LocalStripe, db: asyncpg.Connection,
+        kind: str) -> None:
+    """The merchant captures 600 of 1,500 beside paystream (the Dashboard, its own code):
+    only Stripe's event says so, and the transaction, ledger and refunds follow it."""
+    customer = await stripe_js.customer()
+    resp = await ps.http.post("/v1/transactions", headers=ps.backend, json={
+        "kind": kind, "amount": 1500, "currency": "usd", "customer_id": customer, "capture_method": "manual"})
+    assert resp.status_code == 201, resp.text
+    created = resp.json()
+    txn, pi = created["transaction"]["id"], created["transaction"]["stripe_id"]
+    assert (await stripe_js.pay(pi, VISA)).status_code == 200
+    dashboard = stripe.StripeClient("sk_test_dashboard", base_addresses={"api": local_stripe.url},
+                                    http_client=stripe.HTTPXClient(timeout=15))
+    async with ps.sse(txn, token=created["stream_token"]) as stream:
+        assert (await stream.event()).event == "snapshot"
+        taken = await dashboard.v1.payment_intents.capture_async(pi, {"amount_to_capture": 600})
+        assert taken.status == "succeeded"
+        frame = await stream.event()  # the webhook's move, pushed
+        while frame is not None and frame.json["status"] != "succeeded":
+            frame = await stream.event()
+        assert frame is not None and frame.json["amount"] == 600, frame
+    assert await captured(stripe_js, pi) == 600
+    assert (await ps.get(txn)).json()["amount"] == 600
+    account = f"wallet:{customer}" if kind == "wallet_top_up" else "merchant:revenue"
+    assert await db.fetchval("SELECT sum(amount) FROM ledger_entries WHERE transaction_id = $1 AND account = $2",
+                             txn, account) == 600
+    check = await asyncio.to_thread(cli, "ledger", "--check", "--transaction", txn, env=server.env)
+    assert (check.returncode, check.stdout.strip()) == (0, '{"problems": 0}'), check.stdout + check.stderr
+    over = await ps.http.post(f"/v1/transactions/{txn}/refunds", headers=ps.backend, json={"amount": 601})
+    assert over.status_code == 400 and over.json()["error"]["code"] == "refund_exceeds_captured"
+    # paystream's own capture afterwards: captured already, the same answer.
+    again = await post(ps, txn, "capture")
+    assert again.status_code == 200 and again.json()["transaction"]["amount"] == 600
+    assert await captured(stripe_js, pi) == 600
+
+
+@pytest.mark.parametrize("refund_first", [False, True], ids=["capture_then_refund", "refund_then_capture"])
+async def test_a_partial_capture_reported_only_by_events_holds_in_any_order(
+        ps: Paystream, server: Server, db: asyncpg.Connection, refund_first: bool) -> None:
+    """Stripe's events of a Dashboard capture of 600 of 1,500, then a refund of 200: the
+    refund's charge.refunded may come before payment_intent.succeeded, and either first
+    takes only what was captured."""
+    pi = trigger.stripe_id("pi_")
+    base = int(time.time()) - 60
+    await ps.deliver(ps.event("payment_intent.amount_capturable_updated", pi, amount=1500, created=base))
+    succeeded = ps.event("payment_intent.succeeded", pi, amount=1500, created=base + 1)
+    succeeded["data"]["object"]["amount_received"] = 600
+    refunded = ps.event("charge.refunded", pi, amount=1500, amount_refunded=200, created=base + 2)
+    refunded["data"]["object"].update(amount_captured=600, refunded=False)
+    for event in ([refunded, succeeded] if refund_first else [succeeded, refunded]):
+        await ps.deliver(event)
+    txn = (await ps.get(pi)).json()
+    assert (txn["status"], txn["amount"], txn["amount_refunded"]) == ("partially_refunded", 600, 200)
+    assert await db.fetchval("SELECT sum(amount) FROM ledger_entries WHERE transaction_id = $1 AND account = $2",
+                             txn["id"], "merchant:revenue") == 400
+    check = await asyncio.to_thread(cli, "ledger", "--check", "--transaction", txn["id"], env=server.env)
+    assert (check.returncode, check.stdout.strip()) == (0, '{"problems": 0}'), check.stdout + check.stderr

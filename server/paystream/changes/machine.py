@@ -36,6 +36,9 @@ class Change:
     # Read from Stripe just now rather than carried by an event: what Stripe holds, so it
     # settles a tie between events of the same second.
     authoritative: bool = False
+    # What Stripe took when it captured (a PaymentIntent's amount_received, a charge's
+    # amount_captured): less than the amount after a partial capture (transitions.apply).
+    amount_captured: int | None = None
 
     @property
     def declined(self) -> bool:

@@ -14,7 +14,7 @@ import asyncpg
 
 from paystream import effects
 from paystream.changes import follows, reads, refunds, store
-from paystream.changes.lifecycle import Change, State, machine_for
+from paystream.changes.lifecycle import REFUNDABLE, Change, State, machine_for
 from paystream.ingest.stripe_events import Meaning, event_time, interpret
 from paystream.ops import metrics
 
@@ -56,6 +56,13 @@ async def apply(conn: asyncpg.Connection, row: asyncpg.Record | dict[str, Any], 
               row.get("details")), change)
     if decision.reread:
         await reads.queue(conn, row["id"])
+    taken = _partly_captured(row, change)
+    if taken is not None and any(move.status in REFUNDABLE for move in decision.moves):
+        # A partial capture (here or in the Dashboard): the transaction's amount becomes
+        # what was taken before the move that takes it, so the ledger, the wallet and
+        # every refund are bounded by what the customer paid, not what was authorised.
+        await conn.execute("UPDATE transactions SET amount = $2 WHERE id = $1", row["id"], taken)
+        row = {**dict(row.items()), "amount": taken}
     if decision.touch:
         await store.touch_transaction(conn, row["id"], change.at)
     for k, move in enumerate(decision.moves):
@@ -70,6 +77,20 @@ async def apply(conn: asyncpg.Connection, row: asyncpg.Record | dict[str, Any], 
     if decision.moves and row["status"] in follows.FOLLOWED_STATUSES:
         await follows.propagate(conn, row, apply, stripe_event_id=stripe_event_id, cause_type=cause_type)
     return bool(decision.moves), row
+
+
+# Kinds whose amount is their PaymentIntent's, so a partial capture lowers it (an
+# invoice's is what it asked; a Checkout Session's money is its PaymentIntent's).
+_CAPTURED_KINDS = frozenset({"payment", "wallet_top_up"})
+
+
+def _partly_captured(row: asyncpg.Record | dict[str, Any], change: Change) -> int | None:
+    """What a capture of less than the amount took, when `change` reports one for a
+    transaction whose money was not taken yet; else None."""
+    taken = change.amount_captured
+    if taken is None or row["kind"] not in _CAPTURED_KINDS or row["status"] in REFUNDABLE:
+        return None
+    return taken if 0 < taken < row["amount"] else None
 
 
 async def create(conn: asyncpg.Connection, *, stripe_id: str | None, kind: str, amount: int,
@@ -132,7 +153,9 @@ async def _route(conn: asyncpg.Connection, event: dict[str, Any], meaning: Meani
     if row is None:
         if meaning.change is None:
             return "unrouted", None, False  # nothing to create a transaction from; kept for operators
-        row = await create(conn, stripe_id=meaning.stripe_id, kind=meaning.kind, amount=meaning.amount,
+        taken = meaning.change.amount_captured if meaning.kind in _CAPTURED_KINDS else None
+        amount = taken if taken is not None and 0 < taken < meaning.amount else meaning.amount
+        row = await create(conn, stripe_id=meaning.stripe_id, kind=meaning.kind, amount=amount,
                            currency=meaning.currency, customer_id=meaning.customer_id,
                            metadata=meaning.metadata, change=meaning.change,
                            stripe_event_id=event["id"], cause_type=event["type"])

@@ -220,6 +220,22 @@ PAYMENT_INTENT_STATUS_BY_EVENT = {
 }
 
 
+def _field(obj: Any, name: str) -> Any:
+    return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
+
+
+def amount_captured(obj: Any) -> int | None:
+    """What Stripe took of a captured PaymentIntent (its `amount_received`, else its
+    expanded `latest_charge`'s `amount_captured`) or charge (its `amount_captured`); None
+    when the object does not say.  A partial capture (made here or in the Dashboard) took
+    less than the amount: the rest of the authorisation was released, not refunded."""
+    for value in (_field(obj, "amount_received"), _field(obj, "amount_captured")):
+        if type(value) is int and value > 0:
+            return value
+    charge = _field(obj, "latest_charge")
+    return amount_captured(charge) if charge is not None and not isinstance(charge, str) else None
+
+
 def _payment_intent(event: dict[str, Any], obj: dict[str, Any], at: datetime) -> Meaning:
     etype = event["type"]
     if etype == "payment_intent.created":
@@ -228,6 +244,8 @@ def _payment_intent(event: dict[str, Any], obj: dict[str, Any], at: datetime) ->
     else:  # partially_funded and friends are stored and linked, with no status of ours
         change = _intent_change(etype, obj, at, PAYMENT_INTENT_STATUS_BY_EVENT, "payment_intent.payment_failed",
                                 "last_payment_error", "payment_failed")
+        if change is not None and change.status == "succeeded":
+            change = replace(change, amount_captured=amount_captured(obj))
     invoice = _id(obj.get("invoice"))  # before API 2025-03-31 a PI names its invoice
     if invoice:
         return _base(obj, invoice, change, "invoice", links=(obj["id"],))
@@ -241,7 +259,8 @@ def _charge(event: dict[str, Any], obj: dict[str, Any], at: datetime) -> Meaning
     captured = bool(obj.get("captured"))
     if etype in ("charge.succeeded", "charge.captured"):
         # From API 2024-04-10 capture may be async: charge.succeeded is the money moving.
-        change = Change("succeeded" if captured else "requires_capture", at)
+        change = Change("succeeded", at, amount_captured=amount_captured(obj)) if captured else Change(
+            "requires_capture", at)
     elif etype == "charge.refunded" and captured:
         # An uncaptured charge "refunded" is Stripe releasing a canceled authorization:
         # not a refund of ours, so it moves nothing (the PI's canceled event does).
@@ -249,7 +268,8 @@ def _charge(event: dict[str, Any], obj: dict[str, Any], at: datetime) -> Meaning
         if refunded > amount:
             raise UnusableEvent(f"`amount_refunded` {refunded} is more than the charge's `amount` {amount}")
         full = obj.get("refunded") is True or (amount > 0 and refunded >= amount)
-        change = Change("refunded" if full else "partially_refunded", at, amount_refunded=refunded)
+        change = Change("refunded" if full else "partially_refunded", at, amount_refunded=refunded,
+                        amount_captured=amount_captured(obj))
     elif etype == "charge.refund.updated" and obj.get("status") == "failed":
         change = _refund_failure(obj, at)
     elif etype == "charge.expired":

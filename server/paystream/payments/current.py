@@ -14,6 +14,7 @@ import asyncpg
 
 from paystream.changes.lifecycle import RANK, Change
 from paystream.ingest import checkout
+from paystream.ingest.stripe_events import amount_captured
 from paystream.payments import subscriptions
 from paystream.payments.stripe_api import StripeApi
 
@@ -41,8 +42,9 @@ def change_from_payment_intent(pi: Any, at: datetime) -> Change | None:
         amount = _get(charge, "amount") or 0
         if isinstance(refunded, int) and refunded > 0:
             full = _get(charge, "refunded") is True or (amount > 0 and refunded >= amount)
-            return Change("refunded" if full else "partially_refunded", at, amount_refunded=refunded)
-    return Change(status, at)
+            return Change("refunded" if full else "partially_refunded", at, amount_refunded=refunded,
+                          amount_captured=amount_captured(pi))
+    return Change(status, at, amount_captured=amount_captured(pi) if status == "succeeded" else None)
 
 
 def change_from_object(obj: Any, at: datetime) -> Change | None:

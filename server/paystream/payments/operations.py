@@ -57,29 +57,11 @@ def _get(obj: Any, name: str) -> Any:
     return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
 
 
-def _amount_captured(pi: Any) -> int | None:
-    """What Stripe took of a captured PaymentIntent: its amount_received, else its charge's
-    amount_captured."""
-    received = _get(pi, "amount_received")
-    if isinstance(received, int) and received > 0:
-        return received
-    charge = _get(pi, "latest_charge")
-    taken = _get(charge, "amount_captured") if charge is not None and not isinstance(charge, str) else None
-    return taken if isinstance(taken, int) and taken > 0 else None
-
-
 async def _apply(request: Request, row: Any, pi: Any, cause: str) -> JSONResponse:
     change = change_from_payment_intent(pi, stripe_now())
     async with request.app.state.pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn, conn.transaction():
         locked = await store.lock_by_id(conn, row["id"])
-        taken = _amount_captured(pi) if cause == "paystream.capture" else None
-        if taken is not None and taken < locked["amount"]:
-            # A partial capture: the transaction's amount becomes what was taken (the rest
-            # was released), so the wallet credits, the ledger posts and refunds are bounded
-            # by what the customer paid, not by what was authorised.
-            await conn.execute("UPDATE transactions SET amount = $2 WHERE id = $1", locked["id"], taken)
-            locked = await store.lock_by_id(conn, row["id"])
-        if change is not None:
+        if change is not None:  # a partial capture carries what it took (transitions.apply)
             _, locked = await transitions.apply(conn, locked, change, stripe_event_id=None, cause_type=cause)
     return JSONResponse({"transaction": store.render(locked)})
 

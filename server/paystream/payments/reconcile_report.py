@@ -114,7 +114,9 @@ def stripe_side(obj: dict[str, Any]) -> dict[str, Any]:
             side["amount"] = obj["amount_total"]
     elif kind == "payment_intent":
         if isinstance(obj.get("amount"), int):
-            side["amount"] = obj["amount"]
+            # After a partial capture ours is what was taken (changes/transitions.apply).
+            taken = change.amount_captured if change is not None else None
+            side["amount"] = taken if taken is not None and 0 < taken < obj["amount"] else obj["amount"]
         charge = obj.get("latest_charge")
         if isinstance(charge, dict):
             if isinstance(charge.get("amount_refunded"), int):
