@@ -192,6 +192,19 @@ async def wait_until(predicate, timeout: float = 10, what: str = "condition") ->
         await asyncio.sleep(0.02)
 
 
+@contextlib.asynccontextmanager
+async def webhooks_held(emulator_url: str) -> AsyncIterator[None]:
+    """The tests' emulator keeps every webhook until the block ends, then posts them
+    (tests/stripe_emulator/hold.py): for acting before a webhook lands, without racing it."""
+    async with httpx.AsyncClient(base_url=emulator_url, timeout=15,
+                                 headers={"Authorization": "Bearer sk_test_paystream"}) as http:
+        assert (await http.post("/_test/webhooks/hold")).status_code == 200
+        try:
+            yield
+        finally:
+            assert (await http.post("/_test/webhooks/release")).status_code == 200
+
+
 class StripeJs:
     """What Stripe.js does in the customer's browser, done against localstripe."""
 

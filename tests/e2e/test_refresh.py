@@ -7,6 +7,7 @@ the webhook arriving a second later changes nothing; reads are bounded.  A subsc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -16,7 +17,7 @@ from paystream.dev import trigger
 from paystream.dev.localstripe import LocalStripe
 from tests.conftest import Server
 from tests.e2e.new_kinds import DECLINED, IBAN_OK, URLS, Stripe, no_backfill, own_emulator
-from tests.support import Paystream, StripeJs, wait_until
+from tests.support import Paystream, StripeJs, wait_until, webhooks_held
 
 pytestmark = pytest.mark.e2e
 
@@ -30,17 +31,17 @@ async def stripe_js(local_stripe: LocalStripe) -> AsyncIterator[StripeJs]:
 
 
 async def test_refresh_pushes_the_outcome_before_the_webhook_which_then_changes_nothing(
-        ps: Paystream, stripe_js: StripeJs, db: asyncpg.Connection) -> None:
+        ps: Paystream, stripe_js: StripeJs, local_stripe: LocalStripe, db: asyncpg.Connection) -> None:
     customer = await stripe_js.customer()
     resp = await ps.http.post("/v1/transactions", headers=ps.backend,
                               json={"kind": "wallet_top_up", "amount": 1200, "currency": "usd",
                                     "customer_id": customer})
     created = resp.json()
     txn_id, pi, token = created["transaction"]["id"], created["transaction"]["stripe_id"], created["stream_token"]
-    async with ps.sse(txn_id, token=token) as stream:
+    async with ps.sse(txn_id, token=token) as stream, contextlib.AsyncExitStack() as held:
         assert (await stream.event()).event == "snapshot"
+        await held.enter_async_context(webhooks_held(local_stripe.url))  # the refresh is first
         assert (await stripe_js.pay(pi, VISA)).status_code == 200
-        # localstripe posts its webhook about a second late: the refresh is first.
         answer = await ps.http.post(f"/v1/transactions/{txn_id}/refresh",
                                     headers={"Authorization": f"Bearer {token}"})
         assert answer.status_code == 200, answer.text

@@ -22,7 +22,7 @@ from paystream.dev import emulator
 
 # Extensions, in the order they are installed (two of them paystream.dev.emulator's).
 EXTENSIONS: tuple[str, ...] = ("webhook_endpoints", "checkout", "saved_cards", "subscriptions", "capture", "refunds",
-                              "invoices", "events")
+                              "invoices", "events", "hold")
 
 MODULE = "tests.stripe_emulator"  # what tests.conftest runs (`python -m`)
 
