@@ -116,7 +116,9 @@ async def test_nodes_hear_each_other_through_nats_not_listen(
         database_url: str, db: asyncpg.Connection, stream_name: str) -> None:
     before = await listeners(db)  # the session's LISTEN server may share this database
     async with two_nodes(database_url, stream_name, NATS_URL) as (pa, pb):
-        assert await listeners(db) == before  # the NATS nodes hold no LISTEN connection
+        # The NATS nodes hold no LISTEN connection (a server stopped just before may still
+        # be leaving: fewer is fine).
+        assert await listeners(db) <= before
         pis = [trigger.stripe_id("pi_") for _ in range(5)]
         base = int(time.time())
         for pi in pis:
