@@ -19,11 +19,25 @@ import websockets
 from paystream.dev import trigger
 from tests.conftest import Server
 from tests.e2e.test_ws import recv, ws_url
-from tests.support import SSE, Paystream
+from tests.support import SSE, Paystream, wait_until
 
 pytestmark = pytest.mark.e2e
 DRAIN = 3.0
 SSE_CLIENTS, WS_CLIENTS = 60, 8
+
+
+def unread_bytes(port: int) -> int:
+    """Bytes sent to the local `port` over established connections that its server has not
+    read yet (Linux: the rx queue in /proc/net/tcp; the accept backlog counts too)."""
+    total = 0
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(path) as table:
+            next(table)
+            for line in table:
+                fields = line.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":  # ESTABLISHED
+                    total += int(fields[4].split(":")[1], 16)
+    return total
 
 
 async def test_sigterm_ends_streams_spread_over_the_drain(database_url: str, db: asyncpg.Connection) -> None:
@@ -78,7 +92,11 @@ async def test_sigterm_ends_streams_spread_over_the_drain(database_url: str, db:
                 headers={"Content-Type": "application/json", "Content-Length": str(len(raw)),
                          "Stripe-Signature": trigger.sign(raw, server.webhook_secret)}))
             await started.wait()
-            await asyncio.sleep(0.5)  # the head has reached the server: the request is in flight
+
+            async def head_read() -> bool:  # the server has read it: the request is in flight
+                return unread_bytes(server.port) == 0
+
+            await wait_until(head_read, what="the server to read the webhook's head")
             waiting = [asyncio.create_task(sse_end(s)) for s in streams]
             waiting += [asyncio.create_task(ws_end(ws)) for ws in sockets]
             t0 = time.monotonic()
@@ -94,7 +112,7 @@ async def test_sigterm_ends_streams_spread_over_the_drain(database_url: str, db:
                 while refused_after is None and time.monotonic() - t0 < 3.0:
                     try:
                         await fresh.get("/healthz")
-                    except (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError):
+                    except (httpx.NetworkError, httpx.RemoteProtocolError):  # refused, reset, closed
                         refused_after = time.monotonic() - t0
                     else:
                         await asyncio.sleep(0.05)
@@ -118,7 +136,9 @@ async def test_sigterm_ends_streams_spread_over_the_drain(database_url: str, db:
         assert times[0] < 1.0, "the first streams end at once"
         assert DRAIN - 1.0 < times[-1] < DRAIN + 2.0, "the last ones near the end of the drain"
         busiest = max(sum(t <= u < t + 0.5 for u in times) for t in times)
-        assert busiest <= 0.25 * len(times), f"{busiest} of {len(times)} streams ended within 0.5 s"
+        # Spread, not all at once (uvicorn alone ends them all within a tick); the bound
+        # leaves room for a stall of the loaded machine.
+        assert busiest <= 0.5 * len(times), f"{busiest} of {len(times)} streams ended within 0.5 s"
         assert exited < DRAIN + 4.0
         assert "Application shutdown complete" in server.log_tail()
         assert await db.fetchval("SELECT processed_at IS NOT NULL FROM stripe_events WHERE id = $1", event["id"])

@@ -146,7 +146,7 @@ def check_latencies(balancer: str, after_200: list[float], after_send: list[floa
     # hence the median. A buffering balancer holds a push until its buffer fills or the
     # stream ends (these stay open): seconds. HAProxy without http-no-delay: ~200 ms each.
     assert statistics.median(after_200) < 50, after_200
-    assert after_200[0] < 50 and after_200[-1] < 1000, after_200
+    assert after_200[0] < 50 and after_200[-1] < 3000, after_200
 
 
 async def websocket_round(ps: Paystream, url: str) -> websockets.Headers:
@@ -180,7 +180,7 @@ async def long_poll_round(ps: Paystream) -> httpx.Response:
     answer = await asyncio.wait_for(waiting, 10)
     assert answer.status_code == 200, answer.text
     assert (answer.json()["status"], answer.json()["seq"]) == ("succeeded", 3)
-    assert time.perf_counter() - started < 2
+    assert time.perf_counter() - started < 5  # a buffering balancer holds it until the 25 s timeout
     other = await created(ps, base)
     timed_out = await ps.http.get(f"/v1/transactions/{other}", headers={"Authorization": f"Bearer {ps.token(other)}"},
                                   params={"await": "succeeded", "timeout": "1"})

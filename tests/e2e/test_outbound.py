@@ -283,6 +283,14 @@ async def test_every_logged_event_reaches_the_backend_signed_once_per_id_in_orde
                     later = [r.n for r in backend.requests if r.key == (txn, seq + 1)]
                     assert min(later) > first.n, f"{txn}: seq {seq + 1} was sent before seq {seq} was received"
 
+            # The worker records a delivery after the backend's answer reaches it: the last
+            # one may be accepted above a moment before its row says so.
+            async def recorded() -> bool:
+                return await db.fetchval(
+                    "SELECT bool_and(delivered_at IS NOT NULL) FROM outbound_deliveries d"
+                    " JOIN transactions t ON t.id = d.transaction_id WHERE t.stripe_id = ANY($1)", pis)
+
+            await wait_until(recorded, timeout=15, what="every delivery recorded as delivered")
             rows = await db.fetch("SELECT delivered_at IS NOT NULL AS done, attempts FROM outbound_deliveries d"
                                   " JOIN transactions t ON t.id = d.transaction_id WHERE t.stripe_id = ANY($1)", pis)
             assert len(rows) == len(want) and all(r["done"] for r in rows)

@@ -64,6 +64,10 @@ async def test_unsubscribe_stops_pushes(ps: Paystream) -> None:
             await ws.send(json.dumps({"op": "subscribe", "id": pi}))
             await recv(ws)
         await ws.send(json.dumps({"op": "unsubscribe", "id": a}))
+        # Unsubscribe has no answer: one that does, after it, says it was handled (a socket's
+        # messages are handled in order).
+        await ws.send(json.dumps({"op": "subscribe", "id": trigger.stripe_id("pi_")}))  # not the token's
+        assert (await recv(ws))["op"] == "error"
         await ps.deliver(ps.event("payment_intent.succeeded", a))
         await ps.deliver(ps.event("payment_intent.succeeded", b))
         msg = await recv(ws)  # the next push is b's: a's was not sent

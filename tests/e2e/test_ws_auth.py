@@ -54,7 +54,7 @@ async def test_the_socket_closes_with_4001_when_its_token_expires(ps: Paystream)
 
 async def test_auth_renews_the_token_and_moves_the_expiry(ps: Paystream) -> None:
     pi = await new_txn(ps)
-    token, exp = short_token(ps, pi)
+    token, exp = short_token(ps, pi, seconds=6)  # room for four messages before it expires
     async with websockets.connect(ws_url(ps, token)) as ws:
         await ws.send(json.dumps({"op": "subscribe", "id": pi}))
         assert (await recv(ws))["op"] == "snapshot"
@@ -127,4 +127,4 @@ async def test_a_bare_socket_without_a_good_first_auth_is_closed_with_4001(ps: P
             await recv(ws, timeout=10)
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 4001
     took = time.monotonic() - started
-    assert (4.5 < took < 7) if first is None else took < 2, took
+    assert (4.5 < took < 10) if first is None else took < 5, took
