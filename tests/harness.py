@@ -94,6 +94,9 @@ class Server:
             "PAYSTREAM_API_KEY": self.api_key,
             "PAYSTREAM_TOKEN_SECRET": self.token_secret,
             "PORT": str(self.port),
+            # Stripe is never reached: a test that needs Stripe names its emulator; any other
+            # call is refused at once (the discard port) instead of going to api.stripe.com.
+            "STRIPE_API_BASE": "http://127.0.0.1:9",
             **(extra_env or {}),
         }
         log_dir = log_dir or Path(tempfile.gettempdir())
