@@ -18,6 +18,7 @@ from paystream.db import ACQUIRE_TIMEOUT, DATABASE_DOWN, within
 from paystream.errors import ApiError, error_response
 from paystream.ingest.stripe_events import (
     MalformedEvent,
+    Meaning,
     UnusableEvent,
     check_envelope,
     interpret,
@@ -35,6 +36,14 @@ _KEPT_HEADERS = ("stripe-signature", "content-type", "user-agent", "content-leng
 # query and release the connection: 13-20 s in a partition (tests/e2e/test_partition.py).
 # Work cut off at COMMIT may still commit; Stripe's retry is then a duplicate.
 WEBHOOK_DEADLINE = 10.0
+
+
+# Postgres breaks a deadlock (two transactions locking the same rows in different orders,
+# e.g. a webhook and an API call, or two webhooks about related objects) by rolling one of
+# them back, whole; a serialization failure is the same kind of tie.  That one is applied
+# again at once, from the start: nothing of it was kept, and the other has gone on.
+_CONFLICTS = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
+CONFLICT_ATTEMPTS = 3
 
 
 class _Duplicate(Exception):
@@ -124,19 +133,18 @@ async def apply_event(pool: asyncpg.Pool, event: dict[str, Any], raw: str,
     except UnusableEvent as exc:
         return await _keep_unusable(pool, event, raw, headers, str(exc))
     try:
-        async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn, conn.transaction():
-            # Storing the event and locking its transaction share one round trip: the
-            # webhook is four (BEGIN, this, the move, COMMIT) in the common case.
-            stored, locked = await store.record_and_lock(conn, event, raw, headers,
-                                                         meaning.stripe_id if meaning else None)
-            if stored["processed_at"] is not None or stored["outcome"] == "parked":
-                raise _Duplicate(stored["outcome"])
-            if meaning is None:
-                # Authentic, of a type paystream does not use: answered 200 (a 4xx would
-                # have Stripe retry it for three days and may disable the endpoint), kept.
-                await store.finish_stripe_event(conn, event["id"], outcome="ignored")
-                return "ignored"
-            outcome, txn_id = await transitions.apply_stored_event(conn, event, meaning, locked)
+        for attempt in range(1, CONFLICT_ATTEMPTS + 1):
+            try:
+                outcome, txn_id = await _store_and_apply(pool, event, raw, headers, meaning)
+                break
+            except _CONFLICTS as exc:
+                if attempt == CONFLICT_ATTEMPTS:
+                    raise
+                metrics.WEBHOOK_CONFLICTS.inc()
+                log.warning("webhook rolled back by Postgres (%s); applying it again", type(exc).__name__,
+                            extra={"stripe_event_id": event["id"], "event_type": event["type"]})
+        if outcome == "ignored":
+            return outcome
     except _Duplicate:
         log.info("duplicate delivery", extra={"stripe_event_id": event["id"]})
         return "duplicate"
@@ -151,6 +159,24 @@ async def apply_event(pool: asyncpg.Pool, event: dict[str, Any], raw: str,
     log.info("webhook %s", outcome, extra={"stripe_event_id": event["id"], "event_type": event["type"],
                                            "transaction_id": txn_id})
     return outcome
+
+
+async def _store_and_apply(pool: asyncpg.Pool, event: dict[str, Any], raw: str, headers: dict[str, str],
+                           meaning: Meaning | None) -> tuple[str, str | None]:
+    """One database transaction: store the event, apply it, commit."""
+    async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn, conn.transaction():
+        # Storing the event and locking its transaction share one round trip: the
+        # webhook is four (BEGIN, this, the move, COMMIT) in the common case.
+        stored, locked = await store.record_and_lock(conn, event, raw, headers,
+                                                     meaning.stripe_id if meaning else None)
+        if stored["processed_at"] is not None or stored["outcome"] == "parked":
+            raise _Duplicate(stored["outcome"])
+        if meaning is None:
+            # Authentic, of a type paystream does not use: answered 200 (a 4xx would
+            # have Stripe retry it for three days and may disable the endpoint), kept.
+            await store.finish_stripe_event(conn, event["id"], outcome="ignored")
+            return "ignored", None
+        return await transitions.apply_stored_event(conn, event, meaning, locked)
 
 
 async def _keep_unusable(pool: asyncpg.Pool, event: dict[str, Any], raw: str, headers: dict[str, str],

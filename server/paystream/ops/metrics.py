@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("paystream.metrics")
 
 WEBHOOKS = Counter("paystream_webhooks_total", "Verified Stripe webhooks by outcome", ["outcome"])
+WEBHOOK_CONFLICTS = Counter("paystream_webhook_conflicts_total",
+                            "Webhooks whose database transaction Postgres rolled back to break a deadlock "
+                            "(or a serialization conflict) with other work, and that were applied again at once")
 MISMATCHED = Counter("paystream_events_mismatched_total",
                      "Stripe events naming one of our transactions in metadata that do not match it "
                      "(another object already linked, or amount, currency or customer differ): kept, not applied")
