@@ -159,7 +159,8 @@ async def test_refresh_reads_a_subscription_whose_activation_and_renewal_failure
         assert pushed["next_payment_attempt"] is not None and pushed["cause"]["type"] == "paystream.refresh"
 
 
-async def test_refresh_reads_checkout_sessions_whose_webhooks_were_lost(lost: tuple[Paystream, Stripe]) -> None:
+async def test_refresh_reads_checkout_sessions_whose_webhooks_were_lost(
+        lost: tuple[Paystream, Stripe], db: asyncpg.Connection) -> None:
     """The return page's refresh of a cs_: processing while its delayed payment is unpaid,
     succeeded once Stripe has it paid; an expired session canceled; a subscription-mode
     session succeeded.  No webhook ever arrives."""
@@ -190,6 +191,15 @@ async def test_refresh_reads_checkout_sessions_whose_webhooks_were_lost(lost: tu
         assert answer["changed"] is True and answer["transaction"]["payment_status"] == "paid"
         pushed = (await stream.event()).json
         assert (pushed["status"], pushed["previous_status"]) == ("succeeded", "processing")
+
+        # The refresh linked the session to the PaymentIntent it made, as its webhook would
+        # have: that PaymentIntent's refund, when its events come, reaches the session too.
+        pi = (await stripe.http.get(f"/v1/checkout/sessions/{session}")).json()["payment_intent"]
+        assert await db.fetchval("SELECT count(*) FROM transaction_follows WHERE stripe_id = $1"
+                                 " AND transaction_id = $2", pi, delayed["id"]) == 1
+        await ps.deliver(ps.event("payment_intent.succeeded", pi, amount=4200, currency="eur"))
+        await ps.deliver(ps.event("charge.refunded", pi, amount=4200, currency="eur", amount_refunded=4200))
+        assert (await ps.get(delayed["id"])).json()["status"] == "refunded"
 
     expiring = await checkout(mode="payment", amount=1000, currency="usd")
     await stripe.post(f"/v1/checkout/sessions/{expiring['stripe_id']}/expire")

@@ -7,11 +7,13 @@ late news and changes nothing.  A subscription is read as its own reads are
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import asyncpg
 
+from paystream.changes import follows, store, transitions
 from paystream.changes.lifecycle import RANK, Change
 from paystream.ingest import checkout
 from paystream.ingest.stripe_events import amount_captured
@@ -69,9 +71,45 @@ def change_from_object(obj: Any, at: datetime) -> Change | None:
     return change_from_payment_intent(obj, at)
 
 
-async def read_now(api: StripeApi, pool: asyncpg.Pool, stripe_id: str, at: datetime) -> Change | None:
+@dataclass(frozen=True, slots=True)
+class Read:
+    """What a read of a transaction's Stripe object says: its change, and for a Checkout
+    Session the objects it made (PaymentIntent, SetupIntent, subscription), which the
+    session's transaction follows (changes/follows.py) as its webhooks would have it."""
+
+    change: Change | None
+    follows: tuple[str, ...] = ()
+
+
+def _followed(obj: Any) -> tuple[str, ...]:
+    if _get(obj, "object") != "checkout.session":
+        return ()
+    ids = (_get(obj, name) for name in checkout.FOLLOWED_FIELDS)
+    ids = (value if isinstance(value, str) else _get(value, "id") for value in ids if value)
+    return tuple(i for i in ids if isinstance(i, str) and i)
+
+
+async def read(api: StripeApi, pool: asyncpg.Pool, stripe_id: str, at: datetime) -> Read:
     """Read the transaction's Stripe object and say what it means now.  A subscription
     (sub_) is no PaymentIntent: read as a PaymentIntent, Stripe would answer 404."""
     if stripe_id.startswith("sub_"):
-        return await subscriptions.current(api, pool, stripe_id)
-    return change_from_object(await api.retrieve(stripe_id), at)
+        return Read(await subscriptions.current(api, pool, stripe_id))
+    obj = await api.retrieve(stripe_id)
+    return Read(change_from_object(obj, at), _followed(obj))
+
+
+async def apply_read(conn: asyncpg.Connection, row: asyncpg.Record, what: Read,
+                     cause_type: str) -> tuple[bool, asyncpg.Record | dict[str, Any]]:
+    """Apply a read to its locked transaction, in the caller's database transaction: the
+    change, then the follows (which may bring the session a refund its PaymentIntent had)."""
+    moved = False
+    if what.change is not None:
+        moved, row = await transitions.apply(conn, row, what.change, stripe_event_id=None, cause_type=cause_type)
+    if what.follows:
+        before = row["seq"]
+        await follows.record(conn, row["id"], what.follows, transitions.apply, stripe_event_id=None,
+                             cause_type=cause_type)
+        row = await store.lock_by_id(conn, row["id"])
+        moved = moved or row["seq"] != before
+    return moved, row
+

@@ -20,7 +20,7 @@ from paystream.changes.lifecycle import stripe_now
 from paystream.db import ACQUIRE_TIMEOUT, DATABASE_ERRORS
 from paystream.ops import metrics
 from paystream.payments import refunds, subscriptions
-from paystream.payments.current import change_from_payment_intent, read_now
+from paystream.payments.current import apply_read, change_from_payment_intent, read
 from paystream.payments.stripe_api import StripeApi, StripeFailure
 
 log = logging.getLogger("paystream.recovery")
@@ -151,7 +151,7 @@ class Recovery(BackgroundTask):
         for row in stuck:
             report.checked += 1
             try:
-                change = await read_now(self.api, self.pool, row["stripe_id"], stripe_now())
+                now = await read(self.api, self.pool, row["stripe_id"], stripe_now())
             except StripeFailure as failure:
                 report.errors.append(f"retrieve {row['stripe_id']}: {failure.message}")
                 if failure.status >= 500:
@@ -159,10 +159,8 @@ class Recovery(BackgroundTask):
                 continue
             async with self.pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn, conn.transaction():
                 locked = await store.lock_by_id(conn, row["id"])
-                if change is not None:
-                    moved, _ = await transitions.apply(conn, locked, change, stripe_event_id=None,
-                                                       cause_type="paystream.reconcile")
-                    report.moved += int(moved)
+                moved, _ = await apply_read(conn, locked, now, "paystream.reconcile")
+                report.moved += int(moved)
                 await conn.execute("UPDATE transactions SET checked_at = clock_timestamp() WHERE id = $1", row["id"])
         # Held since it reached requires_capture (updated_at: nothing else moves it there).
         expiring = await self.pool.fetch(

@@ -23,11 +23,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from paystream.auth import access
-from paystream.changes import store, transitions
+from paystream.changes import store
 from paystream.changes.lifecycle import stripe_now
 from paystream.db import ACQUIRE_TIMEOUT
 from paystream.errors import ApiError
-from paystream.payments.current import read_now
+from paystream.payments.current import apply_read, read
 from paystream.payments.stripe_api import StripeApi, StripeFailure
 from paystream.push.streams import read_covered
 
@@ -121,14 +121,13 @@ async def refresh(request: Request) -> JSONResponse:
     else:
         state.refresh_limits.take(row["id"], grant.key, access.address(request))
     try:
-        change = await read_now(api, state.pool, row["stripe_id"], stripe_now())
+        now = await read(api, state.pool, row["stripe_id"], stripe_now())
     except StripeFailure as failure:
         raise ApiError(503 if failure.status == 503 else 502, failure.code, failure.message,
                        failure.headers) from None
     changed = False
-    if change is not None:
+    if now.change is not None or now.follows:
         async with state.pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn, conn.transaction():
             locked = await store.lock_by_id(conn, row["id"])
-            changed, row = await transitions.apply(conn, locked, change, stripe_event_id=None,
-                                                   cause_type="paystream.refresh")
+            changed, row = await apply_read(conn, locked, now, "paystream.refresh")
     return JSONResponse({"transaction": store.render(row), "changed": changed})
