@@ -72,6 +72,13 @@ for (const transport of ["sse", "ws", "poll"]) {
       assert.ok(active.current_period_end && active.cancel_at_period_end === false && "trial_end" in active, JSON.stringify(active));
       await w.reached("active");
 
+      // A change that keeps the status reaches every transport (the long-poll asks for any
+      // change after its newest seq): the cancel at period end, still active.
+      const atEnd = await ps.backend("POST", `/v1/transactions/${transaction.id}/cancel`, { at_period_end: true });
+      assert.equal(atEnd.status, 200, JSON.stringify(atEnd.body));
+      await eventually(async () => w.updates.some((u) => u.status === "active" && u.cancel_at_period_end === true),
+        `${sub} cancel_at_period_end over ${transport}`);
+
       // Active is not an end: the same watch hears the cancel, and only then ends.
       const canceled = await ps.backend("POST", `/v1/transactions/${transaction.id}/cancel`, {});
       assert.equal(canceled.status, 200, JSON.stringify(canceled.body));

@@ -63,3 +63,28 @@ async def _until_waiting(ps: Paystream) -> None:
                    float(line.split()[-1]) >= 1 for line in metrics.splitlines())
 
     await wait_until(waiting, what="the long-poll to be registered")
+
+
+async def test_after_answers_on_any_change_logged_after_that_seq(ps: Paystream) -> None:
+    """A change that keeps the status (here a second decline, with its own error) answers
+    `after`; `await` alone would have waited for another status."""
+    pi, base = trigger.stripe_id("pi_"), int(time.time()) - 60
+    await ps.deliver(ps.event("payment_intent.processing", pi, created=base))
+    await ps.deliver(ps.event("payment_intent.payment_failed", pi, created=base + 1))
+    first = (await ps.get(pi)).json()
+    assert (first["status"], first["seq"], first["last_error"]["code"]) == ("requires_payment_method", 2,
+                                                                             "card_declined")
+    assert (await ps.get(pi, after="1", timeout="20")).json()["seq"] == 2  # already past it: at once
+    waiting = asyncio.create_task(ps.get(pi, after="2", timeout="20"))
+    await _until_waiting(ps)
+    again = ps.event("payment_intent.payment_failed", pi, created=base + 2)
+    again["data"]["object"]["last_payment_error"].update(code="expired_card", message="Your card has expired.")
+    await ps.deliver(again)
+    body = (await asyncio.wait_for(waiting, 10)).json()
+    assert (body["status"], body["seq"], body["last_error"]["code"], body["timed_out"]) == (
+        "requires_payment_method", 3, "expired_card", False)
+    quiet = (await ps.get(pi, after="3", timeout="0.2")).json()
+    assert (quiet["seq"], quiet["timed_out"]) == (3, True)
+    for bad in ("-1", "x", "1000000000"):
+        resp = await ps.get(pi, after=bad)
+        assert resp.status_code == 400 and resp.json()["error"]["code"] == "bad_request"

@@ -102,11 +102,15 @@ SPEC: dict[str, Any] = {
                           **_errors(400, 401, 402, 409, 429, 431, 502, 503)},
         }},
         "/v1/transactions/{id}": {"get": {
-            "summary": "Current state; with `await`, a long-poll that answers on a status change",
+            "summary": "Current state; with `await` or `after`, a long-poll that answers on a status change "
+                       "(`await`) or on any change logged after a seq (`after`)",
             "security": [{"bearer": []}],
             "parameters": [_ID, _TOKEN,
                            {"name": "await", "in": "query", "required": False,
                             "description": "comma-separated statuses", "schema": {"type": "string"}},
+                           {"name": "after", "in": "query", "required": False,
+                            "description": "a seq: any change logged after it answers",
+                            "schema": {"type": "integer", "minimum": 0, "maximum": 999999999}},
                            {"name": "timeout", "in": "query", "required": False,
                             "schema": {"type": "number", "minimum": 0, "maximum": 60}}],
             "responses": {"200": _json(_TXN, "the transaction"), **_errors(400, 401, 403, 404, 429, 431)},

@@ -1,9 +1,12 @@
-"""GET /v1/transactions/{id}: a plain read, or a long-poll with ?await=."""
+"""GET /v1/transactions/{id}: a plain read, or a long-poll with ?await= (a status) and/or
+?after= (a seq: any change logged after it, a status or not, such as a subscription's
+cancel_at_period_end or a new decline's error)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -14,7 +17,7 @@ from paystream.changes.lifecycle import ALL_STATUSES, ENDS
 from paystream.errors import ApiError
 from paystream.ops import metrics
 from paystream.push.hub import Hub
-from paystream.push.streams import open_stream, read_covered, state_of
+from paystream.push.streams import cursor, open_stream, read_covered, state_of
 
 
 async def _client_gone(request: Request) -> None:
@@ -26,14 +29,19 @@ async def get_transaction(request: Request) -> JSONResponse:
     grant = access.reader(request)
     any_id = request.path_params["id"]
     wanted = request.query_params.get("await")
-    if wanted is None:
+    after = cursor(request.query_params.get("after"), "after")
+    if wanted is None and after is None:
         return JSONResponse(store.render(await read_covered(request.app.state.pool, grant, any_id)))
 
-    targets = {s.strip() for s in wanted.split(",") if s.strip()}
+    targets = {s.strip() for s in (wanted or "").split(",") if s.strip()}
     unknown = targets - set(ALL_STATUSES)
-    if not targets or unknown:
+    if (wanted is not None and not targets) or unknown:
         raise ApiError(400, "bad_request", f"await takes statuses from {sorted(ALL_STATUSES)}")
     targets |= ENDS
+
+    def answered(state: dict[str, Any]) -> bool:
+        return state["status"] in targets or (after is not None and state["seq"] > after)
+
     limit = request.app.state.settings.long_poll_max_seconds
     try:
         timeout = float(request.query_params.get("timeout", "25"))
@@ -51,7 +59,7 @@ async def get_transaction(request: Request) -> JSONResponse:
         timeout = max(0.0, min(timeout, grant.exp - time.time()))
     try:
         async with asyncio.timeout(timeout):
-            while state["status"] not in targets:
+            while not answered(state):
                 getter = asyncio.ensure_future(sub.get())
                 await asyncio.wait({getter, gone}, return_when=asyncio.FIRST_COMPLETED)
                 if gone.done():
@@ -68,6 +76,6 @@ async def get_transaction(request: Request) -> JSONResponse:
         hub.unsubscribe(sub)
         release()
         metrics.CONNECTIONS.labels("long_poll").dec()
-    return JSONResponse({**state, "timed_out": state["status"] not in targets})
+    return JSONResponse({**state, "timed_out": not answered(state)})
 
 
