@@ -73,7 +73,25 @@ def test_what_a_capture_took_is_read_from_the_event(name: str) -> None:
     assert interpret(event).change.amount_captured == taken  # type: ignore[union-attr]
     field = "amount_received" if "amount_received" in obj else "amount_captured"
     obj[field] = taken // 3
+    if "amount_refunded" in obj:
+        obj["amount_refunded"] = min(obj["amount_refunded"], taken // 3)
     assert interpret(event).change.amount_captured == taken // 3  # type: ignore[union-attr]
+
+
+def test_a_multicapture_charge_that_may_take_more_says_nothing_of_what_was_taken() -> None:
+    event = fixture_event("charge.captured__stripe-ruby-mock")
+    obj = event["data"]["object"]
+    obj["payment_method_details"] = {"type": "card", "card": {"multicapture": {"status": "available"}}}
+    assert interpret(event).change.amount_captured is None  # type: ignore[union-attr]
+    obj["payment_method_details"]["card"]["multicapture"]["status"] = "unavailable"  # the final capture
+    assert interpret(event).change.amount_captured == obj["amount_captured"]  # type: ignore[union-attr]
+
+
+def test_a_refund_of_more_than_was_captured_makes_the_event_unusable() -> None:
+    event = fixture_event("charge.refunded__stripe-ruby-mock")
+    event["data"]["object"].update(amount=1500, amount_captured=600, amount_refunded=1000, refunded=False)
+    with pytest.raises(UnusableEvent):
+        interpret(event)
 
 
 def test_an_authorisation_says_nothing_of_what_was_taken() -> None:

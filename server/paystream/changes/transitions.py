@@ -198,7 +198,7 @@ class Invalid(Exception):
 
 
 def _beyond_paid(row: asyncpg.Record | dict[str, Any], change: Change) -> str | None:
-    paid = row["amount"]
+    paid = _partly_captured(row, change) or row["amount"]  # what this change says was taken
     if change.amount_refunded is not None and change.amount_refunded > paid:
         return f"a refund of {change.amount_refunded} on {row['id']}, which was paid {paid}"
     disputed = int((change.dispute or {}).get("amount") or 0)

@@ -224,11 +224,23 @@ def _field(obj: Any, name: str) -> Any:
     return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
 
 
+def _multicapture(charge: Any) -> bool:
+    """A charge of a multicapture payment that may still be captured again: what it has
+    taken so far is not what it will take."""
+    details = _field(charge, "payment_method_details")
+    card = _field(details, "card") if details is not None else None
+    multi = _field(card, "multicapture") if card is not None else None
+    return multi is not None and _field(multi, "status") == "available"
+
+
 def amount_captured(obj: Any) -> int | None:
     """What Stripe took of a captured PaymentIntent (its `amount_received`, else its
     expanded `latest_charge`'s `amount_captured`) or charge (its `amount_captured`); None
-    when the object does not say.  A partial capture (made here or in the Dashboard) took
-    less than the amount: the rest of the authorisation was released, not refunded."""
+    when the object does not say, or while a multicapture payment may take more.  A partial
+    capture (made here or in the Dashboard) took less than the amount: the rest of the
+    authorisation was released, not refunded."""
+    if _multicapture(obj):
+        return None
     for value in (_field(obj, "amount_received"), _field(obj, "amount_captured")):
         if type(value) is int and value > 0:
             return value
@@ -267,9 +279,12 @@ def _charge(event: dict[str, Any], obj: dict[str, Any], at: datetime) -> Meaning
         amount, refunded = _amount(obj.get("amount")), _amount(obj.get("amount_refunded"), "amount_refunded")
         if refunded > amount:
             raise UnusableEvent(f"`amount_refunded` {refunded} is more than the charge's `amount` {amount}")
+        taken = amount_captured(obj)
+        if taken is not None and refunded > taken:
+            raise UnusableEvent(f"`amount_refunded` {refunded} is more than the charge's `amount_captured` {taken}")
         full = obj.get("refunded") is True or (amount > 0 and refunded >= amount)
         change = Change("refunded" if full else "partially_refunded", at, amount_refunded=refunded,
-                        amount_captured=amount_captured(obj))
+                        amount_captured=taken)
     elif etype == "charge.refund.updated" and obj.get("status") == "failed":
         change = _refund_failure(obj, at)
     elif etype == "charge.expired":
