@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -31,6 +32,8 @@ def unread_bytes(port: int) -> int:
     read yet (Linux: the rx queue in /proc/net/tcp; the accept backlog counts too)."""
     total = 0
     for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not os.path.exists(path):  # a kernel without IPv6
+            continue
         with open(path) as table:
             next(table)
             for line in table:
