@@ -23,10 +23,23 @@ async def test_the_served_description_is_valid_openapi(ps: Paystream) -> None:
             "/v1/stream-tokens", "/v1/stripe/webhook"} <= set(spec["paths"])
 
 
-async def test_schemathesis_finds_no_server_error_or_contract_break(ps: Paystream) -> None:
+# A long-poll waits by design (up to `timeout`, 25 s by default) when it is given a real id
+# and `await` or `after`: the fuzzer finds real ids, and its requests time out at 10 s.
+# Its long-polls answer at once; tests/e2e/test_longpoll.py covers `timeout` itself.
+CONFIG = """
+[[operations]]
+include-path = "/v1/transactions/{id}"
+include-method = "GET"
+parameters = { "query.timeout" = 0 }
+"""
+
+
+async def test_schemathesis_finds_no_server_error_or_contract_break(ps: Paystream, tmp_path: Path) -> None:
     cli = shutil.which("schemathesis", path=str(Path(sys.executable).parent))
     assert cli, "schemathesis is a test dependency"
-    args = [cli, "run", f"{ps.server.base_url}/openapi.json", "--no-color",
+    config = tmp_path / "schemathesis.toml"
+    config.write_text(CONFIG)
+    args = [cli, "--config-file", str(config), "run", f"{ps.server.base_url}/openapi.json", "--no-color",
             "-H", f"Authorization: Bearer {ps.server.api_key}",
             # Streams stay open by design (tests/e2e/test_sse.py covers them); and
             # negative_data_rejection counts an ignored unknown query key (say
