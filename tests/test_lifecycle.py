@@ -202,19 +202,3 @@ def test_an_older_dispute_stage_delivered_late_is_ignored() -> None:
 
 def test_a_canceled_payment_cannot_be_disputed() -> None:
     assert decide(State("canceled", at(0)), Change("disputed", at(5), dispute=_dispute("needs_response"))).moves == ()
-
-
-def test_a_subscription_read_that_ties_with_its_state_is_applied_and_read_again() -> None:
-    """A read is stamped in Stripe's whole seconds: one of the state's own second may have
-    been made before the event that set the state, so it asks for a read after both."""
-    from paystream.changes import machine_subscription as sub
-
-    current = State("past_due", at(5))
-    tied = sub.decide(current, Change("active", at(5), authoritative=True))
-    assert [m.status for m in tied.moves] == ["active"] and tied.reread
-    later = sub.decide(current, Change("active", at(6), authoritative=True))
-    assert [m.status for m in later.moves] == ["active"] and not later.reread
-    agrees = sub.decide(current, Change("past_due", at(5), authoritative=True))
-    assert agrees.moves == () and not agrees.reread
-    event = sub.decide(current, Change("active", at(5)))  # an event of the same second: read, not applied
-    assert event.moves == () and event.reread

@@ -4,8 +4,7 @@ does: an event older than the state it would replace changes nothing, a newer on
 the state, and one of the same second (Stripe's `created` has one-second resolution)
 that says something else cannot be placed, so the object is read from Stripe and what
 Stripe says now is applied (Decision.reread; the read arrives as an authoritative
-Change).  A read that ties with the state and says something else is applied and asks
-for another read: it may have been made before the event that set the state.
+Change).
 
 Mirrors paystream_subscription_transition_allowed() in
 db/migrations/010_subscriptions.sql.
@@ -58,10 +57,7 @@ def decide(current: State, change: Change) -> Decision:
         return Decision(reread=True)
     if not transition_allowed(current.status, change.status):
         return IGNORE
-    # A read of the same second as the state it replaces may have been made before the
-    # event that set that state (reads are stamped in Stripe's whole seconds): it is
-    # applied, and read again, so the last word is a read made after both.
-    return Decision((replace(change, details=details),), reread=not newer)
+    return Decision((replace(change, details=details),))
 
 
 class SubscriptionMachine:
